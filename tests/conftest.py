@@ -46,3 +46,11 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real default model (fetched once into $KUIPER_HOME or the user cache)."""
+    from tokenizer_service.model_source import fetch_default_model
+
+    return fetch_default_model(quiet=True)

