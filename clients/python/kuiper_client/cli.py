@@ -10,7 +10,8 @@ import sys
 # parser.set_defaults(func=...). Listed here so `kuiper --help` shows them all.
 COMMAND_MODULES = (
     "tokenizer_service.cli",  # serve-tokenizer, encode, decode
-    "inference_service.cli",  # serve-inference, up, generate (--local too), export
+    "inference_service.cli",  # generate (served, or in-process with --local)
+    "inference_service.serve_cli",  # serve-inference, up
     "kuiper_client.commands",  # chat and the served path of generate
 )
 
