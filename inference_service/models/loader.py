@@ -1,0 +1,219 @@
+"""load_model(path): an HF folder (config.json + safetensors) or a GGUF file → LoadedModel."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference_service.models.config import (
+    ModelConfig,
+    ModelLoadError,
+    config_from_gguf,
+    config_from_hf,
+)
+from inference_service.models.safetensors_io import read_safetensors
+from inference_service.models.weights import check_weights, expected_shapes
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: Mapping[str, np.ndarray]  # canonical HF names; float32 or float16; [out, in]
+    source: str  # the path it came from
+    dtype: str  # the source's main weight type, e.g. "float32", "bfloat16", "Q4_1"
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Load a model; every failure is a ModelLoadError whose message names the problem."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model not found: {p} (give a GGUF file or an HF model folder)")
+    if p.is_dir():
+        return load_hf_folder(p)
+    if p.suffix == ".gguf" or _is_gguf(p):
+        return load_gguf(p)
+    if p.name == "config.json":
+        return load_hf_folder(p.parent)
+    raise ModelLoadError(f"{p}: not a GGUF file or an HF model folder")
+
+
+def _is_gguf(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+# ---------------------------------------------------------------------------- HF folder
+
+_HF_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def load_hf_folder(folder: Path) -> LoadedModel:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json (not an HF model folder)")
+    try:
+        config = config_from_hf(json.loads(cfg_path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg_path}: invalid JSON: {exc}") from None
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(f.name for f in folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no .safetensors files (only safetensors are supported)")
+
+    wanted = expected_shapes(config)
+    weights: dict[str, np.ndarray] = {}
+    dtypes: Counter[str] = Counter()
+    for name in files:
+        f = folder / name
+        if not f.is_file():
+            raise ModelLoadError(f"{folder}: the index names {name}, which is missing")
+        tensors, tdtypes = read_safetensors(f)
+        for tname, arr in tensors.items():
+            if tname in wanted:
+                weights[tname] = _float_weights(arr)
+                dtypes[tdtypes[tname]] += arr.size
+    check_weights(config, weights, str(folder))
+    main = dtypes.most_common(1)[0][0]
+    return LoadedModel(config, weights, str(folder), _HF_DTYPE_NAMES.get(main, main.lower()))
+
+
+def _float_weights(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype in (np.float32, np.float16):
+        return arr
+    return arr.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def canonical_gguf_name(name: str) -> str | None:
+    """HF name of a GGUF tensor, or None for tensors we do not use."""
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        hf = _GGUF_LAYER_NAMES.get(parts[2])
+        if hf is not None:
+            return f"model.layers.{parts[1]}.{hf}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (interleaved rope → HF rotate-half order).
+
+    llama.cpp's converter writes rows of each head as (half, pair) → (pair, half); this
+    is its inverse. Works for weights [rows, in] and biases [rows]."""
+    rows = w.shape[0]
+    per_head = rows // n_heads
+    return w.reshape(n_heads, per_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # noqa: BLE001 - metadata we cannot decode is metadata we do not use
+        return None
+
+
+def load_gguf(path: Path) -> LoadedModel:
+    import gguf  # imported here: only GGUF loading needs it
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - the gguf library raises bare errors on bad files
+        raise ModelLoadError(
+            f"{path}: cannot read GGUF file (truncated or corrupt?): {exc}"
+        ) from None
+
+    meta = {
+        k: _field_value(f)
+        for k, f in reader.fields.items()
+        if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
+        and not k.startswith("tokenizer.ggml.token_type")
+    }
+    if "tokenizer.ggml.tokens" in reader.fields:
+        meta["tokenizer.ggml.tokens"] = range(len(reader.fields["tokenizer.ggml.tokens"].data))
+    tensors = {t.name: t for t in reader.tensors}
+    config = config_from_gguf(meta, has_output="output.weight" in tensors)
+
+    weights: dict[str, np.ndarray] = {}
+    types: Counter[str] = Counter()
+    for name, t in tensors.items():
+        if name == "rope_freqs.weight":
+            factors = tuple(float(x) for x in _dequantize(gguf, t, path).reshape(-1))
+            config = _with_freq_factors(config, factors)
+            continue
+        hf = canonical_gguf_name(name)
+        if hf is None:
+            continue
+        arr = _dequantize(gguf, t, path)
+        if config.architecture == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            arr = unpermute_qk(arr, config.num_heads)
+        elif config.architecture == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            arr = unpermute_qk(arr, config.num_kv_heads)
+        weights[hf] = arr
+        types[t.tensor_type.name] += int(t.n_elements)
+    check_weights(config, weights, str(path))
+    main = types.most_common(1)[0][0] if types else "unknown"
+    dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(main, main)
+    return LoadedModel(config, weights, str(path), dtype)
+
+
+def _with_freq_factors(config: ModelConfig, factors: tuple[float, ...]) -> ModelConfig:
+    from dataclasses import replace
+
+    return replace(config, rope_freq_factors=factors, rope_scaling=None)
+
+
+def _dequantize(gguf: Any, t: Any, path: Path) -> np.ndarray:
+    """float32 (or float16 for F16, kept as a view of the mmap) in numpy [out, in] order."""
+    shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
+    qtype = t.tensor_type
+    try:
+        if qtype == gguf.GGMLQuantizationType.F16:
+            arr = t.data.view(np.float16)
+        elif qtype == gguf.GGMLQuantizationType.BF16:
+            arr = (t.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = gguf.quants.dequantize(t.data, qtype)
+        return arr.reshape(shape)
+    except NotImplementedError:
+        raise ModelLoadError(
+            f"{path}: tensor {t.name!r} has type {qtype.name}, which cannot be dequantized"
+        ) from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt or truncated: {exc}") from None
