@@ -1,0 +1,427 @@
+"""The engine loop: one thread owns the backend (and so the device) and runs scheduler steps.
+
+Other threads talk to it through a thread-safe inbox (`submit`, `abort`) and hear back through
+output listeners that the engine thread calls once per step with every request's news of that
+step. `AsyncEngine` adapts this to asyncio: it hands each step's outputs to the event loop
+with `loop.call_soon_threadsafe`, either to per-request asyncio queues or to one step handler
+(the server's, which detokenizes a whole step in one message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference_service.backends.base import Backend, BatchItem
+from inference_service.engine.block_manager import BlockManager
+from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+from inference_service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from inference_service.engine.sequence import FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the caller should retry later."""
+
+
+class EngineStoppedError(Exception):
+    """The engine is not running (not started, shutting down, or crashed)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 256  # accepted requests not yet scheduled, at most
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None: the model's context length
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one engine step."""
+
+    request_id: int
+    new_token_ids: list[int]
+    new_logprobs: list[SampleOutput] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+    queue_time_s: float | None = None  # arrival to first scheduling step
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Snapshot after one step (for metrics)."""
+
+    num_running: int
+    num_waiting: int
+    batch_size: int  # sequences in the step
+    num_batched_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_hit_blocks: int  # cumulative
+    prefix_cache_queried_blocks: int  # cumulative
+    num_preemptions: int  # cumulative
+    step_time_s: float
+
+
+OutputListener = Callable[[list[RequestOutput]], None]
+
+
+class Engine:
+    def __init__(
+        self,
+        backend: Backend,
+        config: EngineConfig | None = None,
+        stop_ids: Iterable[int] = (),
+    ):
+        self.backend = backend
+        self.config = config or EngineConfig()
+        model_len = backend.config.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or model_len, model_len)
+        self.block_manager = BlockManager(
+            backend.num_blocks, backend.block_size, self.config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_batch_size, self.config.max_num_batched_tokens),
+            self.block_manager,
+        )
+        self.stop_ids = frozenset(stop_ids) or frozenset(backend.config.eos_token_ids)
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._unscheduled: set[int] = set()  # accepted ids not yet scheduled (queue bound)
+        self._ids = itertools.count(1)
+        self._seqs: dict[int, Sequence] = {}  # engine thread only
+        self._listeners: list[OutputListener] = []
+        self._stats_listeners: list[Callable[[StepStats], None]] = []
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.last_stats: StepStats | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="kuiper-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Cancel everything still queued or running and end the thread."""
+        if self._thread is None:
+            return
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._running
+
+    # ---- thread-safe API -----------------------------------------------------------------
+    def add_output_listener(self, listener: OutputListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_output_listener(self, listener: OutputListener) -> None:
+        self._listeners.remove(listener)
+
+    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._stats_listeners.append(listener)
+
+    def set_stop_ids(self, stop_ids: Iterable[int]) -> None:
+        """End-of-sequence ids for requests submitted from now on."""
+        self.stop_ids = frozenset(stop_ids)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.block_manager.capacity_tokens
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request; return its id. Raises QueueFullError when the waiting queue is
+        at its bound, EngineStoppedError when the engine does not run."""
+        if not self.alive:
+            raise EngineStoppedError("the engine is not running")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        with self._lock:
+            if len(self._unscheduled) >= self.config.max_waiting:
+                raise QueueFullError(
+                    f"the waiting queue is full ({self.config.max_waiting} requests); retry later"
+                )
+            request_id = next(self._ids)
+            self._unscheduled.add(request_id)
+        seq = Sequence(
+            seq_id=request_id,
+            prompt_ids=[int(t) for t in prompt_ids],
+            sampling=params,
+            max_total_tokens=self.max_model_len,
+            stop_ids=self.stop_ids,
+        )
+        self._inbox.put(("add", seq))
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """Stop a request at the next step (no-op when it already ended)."""
+        self._inbox.put(("abort", request_id))
+
+    @property
+    def num_waiting_requests(self) -> int:
+        with self._lock:
+            return len(self._unscheduled)
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, timeout: float | None = None
+    ) -> list[list[int]]:
+        """Blocking convenience (tests, benchmarks, warm-up): generated ids per prompt."""
+        results: dict[int, list[int]] = {}
+        done: dict[int, RequestOutput] = {}
+        finished = threading.Event()
+        ids: set[int] = set()
+        lock = threading.Lock()
+
+        def listen(outputs: list[RequestOutput]) -> None:
+            with lock:
+                for out in outputs:
+                    if out.request_id in ids:
+                        results[out.request_id].extend(out.new_token_ids)
+                        if out.finished:
+                            done[out.request_id] = out
+                if ids and len(done) == len(ids):
+                    finished.set()
+
+        self.add_output_listener(listen)
+        try:
+            with lock:
+                for prompt in prompts:
+                    rid = self.submit(prompt, params)
+                    ids.add(rid)
+                    results[rid] = []
+            if not finished.wait(timeout):
+                raise TimeoutError("generation did not finish in time")
+        finally:
+            self.remove_output_listener(listen)
+        errors = [o.error for o in done.values() if o.error]
+        if errors:
+            raise RuntimeError(errors[0])
+        return [results[rid] for rid in sorted(ids)]
+
+    # ---- engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not self._drain_inbox(block=not self.scheduler.has_unfinished()):
+                    break
+                if self.scheduler.has_unfinished():
+                    self._step()
+        except Exception:  # a bug here must not leave clients hanging forever
+            log.exception("engine loop crashed")
+        finally:
+            self._running = False
+            self._emit(self._finish_outputs(self.scheduler.abort_all(), "engine stopped"))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued commands; False when asked to stop."""
+        while True:
+            try:
+                kind, arg = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                assert isinstance(arg, Sequence)
+                self._seqs[arg.seq_id] = arg
+                self.scheduler.add(arg)
+            elif kind == "abort":
+                seq = self._seqs.get(arg)  # type: ignore[arg-type]
+                if seq is not None:
+                    self.scheduler.cancel(seq)
+
+    def _step(self) -> None:
+        t0 = time.monotonic()
+        out = self.scheduler.schedule()
+        outputs = self._finish_outputs(out.finished)
+        samples: list[SampleOutput | None] = []
+        if out.chunks:
+            try:
+                samples = self.backend.step(self._batch(out))
+            except Exception as exc:  # fail this batch, keep serving the others
+                log.exception("backend step failed")
+                outputs += self._finish_outputs(self.scheduler.fail(out), f"backend error: {exc}")
+                out.chunks = []
+        if out.chunks:
+            self.scheduler.update(out, samples)
+            for chunk in out.chunks:
+                seq = chunk.seq
+                if chunk.samples:
+                    outputs.append(self._output(seq, [seq.output_ids[-1]]))
+        with self._lock:
+            for chunk in out.chunks:
+                self._unscheduled.discard(chunk.seq.seq_id)
+        self._emit(outputs)
+        self._publish_stats(out, time.monotonic() - t0)
+
+    def _batch(self, out: SchedulerOutput) -> list[BatchItem]:
+        items = []
+        for chunk in out.chunks:
+            seq = chunk.seq
+            sampling = seq.sampling if chunk.samples else None
+            history = np.zeros(0, np.int32)
+            if sampling is not None and sampling.repetition_penalty != 1.0:
+                history = np.asarray(seq.token_ids, dtype=np.int32)
+            items.append(
+                BatchItem(
+                    seq_id=seq.seq_id,
+                    token_ids=np.asarray(
+                        seq.tokens_slice(chunk.start_pos, chunk.start_pos + chunk.num_tokens),
+                        dtype=np.int32,
+                    ),
+                    start_pos=chunk.start_pos,
+                    block_table=seq.block_table,
+                    sampling=sampling,
+                    history=history,
+                    step=len(seq.output_ids),
+                )
+            )
+        return items
+
+    def _output(self, seq: Sequence, new_ids: list[int], error: str | None = None) -> RequestOutput:
+        queue_time = None
+        if seq.first_scheduled_time is not None:
+            queue_time = seq.first_scheduled_time - seq.arrival_time
+        new_logprobs = seq.logprobs[-len(new_ids) :] if new_ids and seq.logprobs else []
+        if seq.is_finished:
+            self._seqs.pop(seq.seq_id, None)
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=new_ids,
+            new_logprobs=new_logprobs,
+            finish_reason=seq.finish_reason if seq.is_finished else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            queue_time_s=queue_time,
+            error=error,
+        )
+
+    def _finish_outputs(
+        self, seqs: list[Sequence], error: str | None = None
+    ) -> list[RequestOutput]:
+        with self._lock:
+            for seq in seqs:
+                self._unscheduled.discard(seq.seq_id)
+        return [
+            self._output(s, [], error if s.finish_reason is not FinishReason.CANCELLED else None)
+            for s in seqs
+        ]
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(outputs)
+            except Exception:
+                log.exception("output listener failed")
+
+    def _publish_stats(self, out: SchedulerOutput, step_time: float) -> None:
+        bm = self.block_manager
+        stats = StepStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            batch_size=len(out.chunks),
+            num_batched_tokens=out.num_tokens,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            prefix_cache_hit_blocks=bm.prefix_cache_hit_blocks,
+            prefix_cache_queried_blocks=bm.prefix_cache_queried_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            step_time_s=step_time,
+        )
+        self.last_stats = stats
+        for listener in self._stats_listeners:
+            try:
+                listener(stats)
+            except Exception:
+                log.exception("stats listener failed")
+
+
+class RequestStream:
+    """Outputs of one request, read on the event loop."""
+
+    def __init__(self, request_id: int):
+        self.request_id = request_id
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[RequestOutput]:
+        while True:
+            out = await self.queue.get()
+            yield out
+            if out.finished:
+                return
+
+
+class AsyncEngine:
+    """asyncio face of an Engine: call from the event loop only."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        on_step: OutputListener | None = None,
+    ):
+        """on_step, when given, receives every step's outputs on the loop instead of the
+        per-request streams."""
+        self.engine = engine
+        self.loop = loop
+        self.on_step = on_step
+        self._streams: dict[int, RequestStream] = {}
+        engine.add_output_listener(self._from_engine_thread)
+
+    def _from_engine_thread(self, outputs: list[RequestOutput]) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        if self.on_step is not None:
+            self.on_step(outputs)
+            return
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(out)
+                if out.finished:
+                    del self._streams[out.request_id]
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> RequestStream:
+        request_id = self.engine.submit(prompt_ids, params)
+        stream = RequestStream(request_id)
+        if self.on_step is None:
+            self._streams[request_id] = stream
+        return stream
+
+    def abort(self, request_id: int) -> None:
+        self.engine.abort(request_id)
