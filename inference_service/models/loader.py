@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -18,7 +17,8 @@ from inference_service.models.config import (
     config_from_gguf,
     config_from_hf,
 )
-from inference_service.models.safetensors_io import read_safetensors
+from inference_service.models.gguf_io import GGUFTensor, read_gguf
+from inference_service.models.safetensors_io import bf16_to_f32, read_safetensors
 from inference_service.models.weights import check_weights, expected_shapes
 
 
@@ -142,55 +142,36 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, per_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field_value(field: Any) -> Any:
-    try:
-        return field.contents()
-    except Exception:  # noqa: BLE001 - metadata we cannot decode is metadata we do not use
-        return None
-
-
 def load_gguf(path: Path) -> LoadedModel:
-    import gguf  # imported here: only GGUF loading needs it
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - the gguf library raises bare errors on bad files
-        raise ModelLoadError(
-            f"{path}: cannot read GGUF file (truncated or corrupt?): {exc}"
-        ) from None
-
-    meta = {
-        k: _field_value(f)
-        for k, f in reader.fields.items()
-        if k not in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
-        and not k.startswith("tokenizer.ggml.token_type")
-    }
-    if "tokenizer.ggml.tokens" in reader.fields:
-        meta["tokenizer.ggml.tokens"] = range(len(reader.fields["tokenizer.ggml.tokens"].data))
-    tensors = {t.name: t for t in reader.tensors}
-    config = config_from_gguf(meta, has_output="output.weight" in tensors)
-
+    gf = read_gguf(path)
+    config = config_from_gguf(gf.metadata, has_output="output.weight" in gf.tensors)
     weights: dict[str, np.ndarray] = {}
     types: Counter[str] = Counter()
-    for name, t in tensors.items():
+    for name, t in gf.tensors.items():
         if name == "rope_freqs.weight":
-            factors = tuple(float(x) for x in _dequantize(gguf, t, path).reshape(-1))
+            factors = tuple(float(x) for x in _dequantize(t, path).reshape(-1))
             config = _with_freq_factors(config, factors)
             continue
         hf = canonical_gguf_name(name)
         if hf is None:
             continue
-        arr = _dequantize(gguf, t, path)
+        arr = _dequantize(t, path)
         if config.architecture == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
             arr = unpermute_qk(arr, config.num_heads)
         elif config.architecture == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
             arr = unpermute_qk(arr, config.num_kv_heads)
         weights[hf] = arr
-        types[t.tensor_type.name] += int(t.n_elements)
+        types[_type_name(t.qtype)] += int(np.prod(t.shape))
     check_weights(config, weights, str(path))
     main = types.most_common(1)[0][0] if types else "unknown"
     dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(main, main)
     return LoadedModel(config, weights, str(path), dtype)
+
+
+def _type_name(qtype: int) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(qtype).name
 
 
 def _with_freq_factors(config: ModelConfig, factors: tuple[float, ...]) -> ModelConfig:
@@ -199,21 +180,24 @@ def _with_freq_factors(config: ModelConfig, factors: tuple[float, ...]) -> Model
     return replace(config, rope_freq_factors=factors, rope_scaling=None)
 
 
-def _dequantize(gguf: Any, t: Any, path: Path) -> np.ndarray:
+def _dequantize(t: GGUFTensor, path: Path) -> np.ndarray:
     """float32 (or float16 for F16, kept as a view of the mmap) in numpy [out, in] order."""
-    shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
-    qtype = t.tensor_type
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType(t.qtype)
     try:
-        if qtype == gguf.GGMLQuantizationType.F16:
+        if qtype == GGMLQuantizationType.F32:
+            arr = t.data.view(np.float32)
+        elif qtype == GGMLQuantizationType.F16:
             arr = t.data.view(np.float16)
-        elif qtype == gguf.GGMLQuantizationType.BF16:
-            arr = (t.data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif qtype == GGMLQuantizationType.BF16:
+            arr = bf16_to_f32(t.data.view(np.uint16))
         else:
-            arr = gguf.quants.dequantize(t.data, qtype)
-        return arr.reshape(shape)
+            arr = quants.dequantize(t.data, qtype)
+        return arr.reshape(t.shape)
     except NotImplementedError:
         raise ModelLoadError(
             f"{path}: tensor {t.name!r} has type {qtype.name}, which cannot be dequantized"
         ) from None
     except ValueError as exc:
-        raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt or truncated: {exc}") from None
+        raise ModelLoadError(f"{path}: tensor {t.name!r} is corrupt: {exc}") from None
