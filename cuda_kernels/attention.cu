@@ -1,0 +1,202 @@
+// Paged attention over the KV block tables, for decode and (causal) prefill alike: every query
+// token t attends to positions [0, positions[t]] of its sequence, whose keys/values live in the
+// paged cache [num_blocks, block_size, KVH, D] bf16 (rope_kv_write put this step's keys there
+// first). One block serves one (token, kv head, split) and all G = H / KVH query heads of that
+// kv head (GQA: each key/value is read once for the group). Keys are processed in tiles of 128
+// with an online softmax, so a split can cover any length. With nsplit > 1 (flash-decoding),
+// each split writes a partial (o, m, l); the last split block to finish (atomic counter per
+// (token, kv head), reset after use) merges them, so no second launch is needed.
+#include "common.cuh"
+
+#define ATT_THREADS 128
+#define ATT_TILE 128
+#define ATT_GMAX 8
+#define ATT_DMAX 256
+
+template <int DL>  // head dims per lane: D <= 32 * DL
+__device__ __forceinline__ void attention_impl(
+    const bf16* __restrict__ q, int q_stride, const bf16* __restrict__ k_cache,
+    const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int bt_stride,
+    const int* __restrict__ tok_seq, const int* __restrict__ positions, bf16* __restrict__ out,
+    int out_stride, float* __restrict__ part_o, float* __restrict__ part_ml,
+    int* __restrict__ counters, int H, int KVH, int D, int block_size, float scale) {
+    __shared__ float qs[ATT_GMAX * ATT_DMAX];  // later reused for the cross-warp sum of o
+    __shared__ float sc[ATT_GMAX][ATT_TILE];
+    __shared__ float m_s[ATT_GMAX], l_s[ATT_GMAX], alpha_s[ATT_GMAX];
+    __shared__ int last_s;
+
+    const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int G = H / KVH, h0 = kvh * G;
+    const int ctx = positions[t] + 1;
+    const int per = (ctx + nsplit - 1) / nsplit;
+    const int start = split * per, end = min(ctx, start + per);
+    const int* bt = block_tables + (size_t)tok_seq[t] * bt_stride;
+    const size_t row_stride = (size_t)KVH * D;  // elements between consecutive slots
+
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x)
+        qs[i] = bf2f(q[(size_t)t * q_stride + (size_t)h0 * D + i]) * scale;
+    if (threadIdx.x < ATT_GMAX) {
+        m_s[threadIdx.x] = -INFINITY;
+        l_s[threadIdx.x] = 0.f;
+    }
+    float acc[ATT_GMAX][DL];
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; ++g)
+#pragma unroll
+        for (int j = 0; j < DL; ++j) acc[g][j] = 0.f;
+    __syncthreads();
+
+    for (int tile = start; tile < end; tile += ATT_TILE) {
+        const int n = min(ATT_TILE, end - tile);
+        // Scores: one key per thread.
+        {
+            const int i = threadIdx.x;
+            float s[ATT_GMAX];
+#pragma unroll
+            for (int g = 0; g < ATT_GMAX; ++g) s[g] = 0.f;
+            if (i < n) {
+                const int pos = tile + i;
+                const int slot = bt[pos / block_size] * block_size + pos % block_size;
+                const uint4* kr = reinterpret_cast<const uint4*>(k_cache + slot * row_stride + (size_t)kvh * D);
+                for (int c = 0; c < D / 8; ++c) {
+                    float kf[8];
+                    unpack8(kr[c], kf);
+#pragma unroll
+                    for (int g = 0; g < ATT_GMAX; ++g) {
+                        if (g < G) {
+                            const float* qg = qs + g * D + c * 8;
+#pragma unroll
+                            for (int j = 0; j < 8; ++j) s[g] = fmaf(kf[j], qg[j], s[g]);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < ATT_GMAX; ++g)
+                if (g < G) sc[g][i] = i < n ? s[g] : -INFINITY;
+        }
+        __syncthreads();
+        // Online softmax update: one warp per head.
+        for (int g = warp; g < G; g += ATT_THREADS / 32) {
+            float mx = -INFINITY;
+            for (int i = lane; i < ATT_TILE; i += 32) mx = fmaxf(mx, sc[g][i]);
+            mx = warp_max(mx);
+            const float m_old = m_s[g], m_new = fmaxf(m_old, mx);
+            float sum = 0.f;
+            for (int i = lane; i < ATT_TILE; i += 32) {
+                const float p = __expf(sc[g][i] - m_new);
+                sc[g][i] = p;
+                sum += p;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                const float alpha = __expf(m_old - m_new);
+                alpha_s[g] = alpha;
+                l_s[g] = l_s[g] * alpha + sum;
+                m_s[g] = m_new;
+            }
+        }
+        __syncthreads();
+        // o = alpha * o + P V: each warp takes every 4th key, lanes split the head dims.
+#pragma unroll
+        for (int g = 0; g < ATT_GMAX; ++g)
+#pragma unroll
+            for (int j = 0; j < DL; ++j) acc[g][j] *= (g < G) ? alpha_s[g] : 0.f;
+#pragma unroll 4
+        for (int i = warp; i < n; i += ATT_THREADS / 32) {
+            const int pos = tile + i;
+            const int slot = bt[pos / block_size] * block_size + pos % block_size;
+            const bf16* vr = v_cache + slot * row_stride + (size_t)kvh * D;
+            float v[DL];
+#pragma unroll
+            for (int j = 0; j < DL; ++j) {
+                const int d = lane + 32 * j;
+                v[j] = d < D ? bf2f(vr[d]) : 0.f;
+            }
+#pragma unroll
+            for (int g = 0; g < ATT_GMAX; ++g) {
+                if (g < G) {
+                    const float p = sc[g][i];
+#pragma unroll
+                    for (int j = 0; j < DL; ++j) acc[g][j] = fmaf(p, v[j], acc[g][j]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // Sum the four warps' partial outputs in shared memory (qs is free now).
+    float* osum = qs;
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) osum[i] = 0.f;
+    __syncthreads();
+#pragma unroll
+    for (int g = 0; g < ATT_GMAX; ++g)
+#pragma unroll
+        for (int j = 0; j < DL; ++j) {
+            const int d = lane + 32 * j;
+            if (g < G && d < D) atomicAdd(&osum[g * D + d], acc[g][j]);
+        }
+    __syncthreads();
+
+    if (nsplit == 1) {
+        for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+            const int g = i / D;
+            out[(size_t)t * out_stride + (size_t)h0 * D + i] = f2bf(osum[i] / l_s[g]);
+        }
+        return;
+    }
+    // Flash-decoding: publish this split's partial, the last split of (t, kvh) merges.
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int g = i / D, d = i - g * D;
+        part_o[(((size_t)t * H + h0 + g) * nsplit + split) * D + d] = osum[i];
+    }
+    if (threadIdx.x < G) {
+        const size_t ml = (((size_t)t * H + h0 + threadIdx.x) * nsplit + split) * 2;
+        part_ml[ml] = m_s[threadIdx.x];
+        part_ml[ml + 1] = l_s[threadIdx.x];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int done = atomicAdd(&counters[t * KVH + kvh], 1);
+        last_s = (done == nsplit - 1);
+    }
+    __syncthreads();
+    if (!last_s) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int g = i / D, d = i - g * D;
+        const size_t base = ((size_t)t * H + h0 + g) * nsplit;
+        float M = -INFINITY;
+        for (int s = 0; s < nsplit; ++s) M = fmaxf(M, __ldcg(part_ml + (base + s) * 2));
+        float L = 0.f, O = 0.f;
+        for (int s = 0; s < nsplit; ++s) {
+            const float w = __expf(__ldcg(part_ml + (base + s) * 2) - M);
+            L += w * __ldcg(part_ml + (base + s) * 2 + 1);
+            O += w * __ldcg(part_o + (base + s) * D + d);
+        }
+        out[(size_t)t * out_stride + (size_t)(h0 + g) * D + d] = f2bf(O / L);
+    }
+    if (threadIdx.x == 0) counters[t * KVH + kvh] = 0;  // ready for the next launch / replay
+}
+
+#define ATT_ARGS                                                                                 \
+    const bf16 *__restrict__ q, int q_stride, const bf16 *__restrict__ k_cache,                 \
+        const bf16 *__restrict__ v_cache, const int *__restrict__ block_tables, int bt_stride,  \
+        const int *__restrict__ tok_seq, const int *__restrict__ positions,                     \
+        bf16 *__restrict__ out, int out_stride, float *__restrict__ part_o,                     \
+        float *__restrict__ part_ml, int *__restrict__ counters, int H, int KVH, int D,         \
+        int block_size, float scale
+#define ATT_PASS                                                                             \
+    q, q_stride, k_cache, v_cache, block_tables, bt_stride, tok_seq, positions, out,         \
+        out_stride, part_o, part_ml, counters, H, KVH, D, block_size, scale
+
+#define ATT_INST(DL)                                                                    \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_dl##DL(ATT_ARGS) { \
+        attention_impl<DL>(ATT_PASS);                                                   \
+    }
+ATT_INST(1)
+ATT_INST(2)
+ATT_INST(4)
+ATT_INST(8)
