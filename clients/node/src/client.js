@@ -313,7 +313,8 @@ class KuiperClient {
 
   /**
    * Poll health until every named server answers SERVING.
-   * @param {{servers?: ('inference' | 'tokenizer')[], timeoutMs?: number, intervalMs?: number}} [options]
+   * @param {{servers?: ('inference' | 'tokenizer')[], timeoutMs?: number, intervalMs?: number,
+   *   signal?: AbortSignal}} [options] aborting the signal stops the wait
    * @returns {Promise<void>}
    */
   async waitUntilServing(options = {}) {
@@ -321,6 +322,7 @@ class KuiperClient {
     const end = Date.now() + timeoutMs;
     for (const server of servers) {
       for (;;) {
+        options.signal?.throwIfAborted();
         let last;
         try {
           last = await this.health(server, { deadlineMs: Math.max(200, intervalMs * 5) });

@@ -1,0 +1,41 @@
+"""Runs the Node client's own test suite (`npm test` in clients/node): the @kuiper/client package
+against the real tokenizer and inference servers, checked against the `tokenizers` library."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "node"
+
+
+def _skip_reason() -> str | None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not installed (Node.js >= 18 runs the client's tests)"
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        return "clients/node/node_modules missing: run `npm install` in clients/node (.ci/run does)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_node_client_suite() -> None:
+    env = dict(os.environ, KUIPER_PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["npm", "test", "--silent"],
+        cwd=NODE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
+    assert proc.returncode == 0, f"npm test failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
+    # Every test must run: a suite skipped wholesale (e.g. no server found) is not a pass here
+    # unless its reason is the documented one.
+    assert "# fail 0" in proc.stdout, proc.stdout[-3000:]
