@@ -111,8 +111,85 @@ def hf_greedy(model: Any, ids: list[int], n: int) -> list[int]:
             torch.tensor([ids]),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=n,
-            min_new_tokens=n,
             do_sample=False,
+            eos_token_id=None,  # run all n steps: EOS is just another token here
             pad_token_id=0,
         )
+    assert out.shape[1] == len(ids) + n, "generate stopped early"
     return out[0, len(ids) :].tolist()
+
+
+def llama_cpp_permute(w: Any, n_head: int) -> Any:
+    """llama.cpp convert_hf_to_gguf.py's Q/K row permutation (HF rotate-half → interleaved)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_gguf(hf_model: Any, path: Path, qtype: str = "F32", arch: str | None = None) -> Path:
+    """Write an HF Llama/Qwen2 model as GGUF the way llama.cpp's converter does (llama: Q/K
+    permuted), matrices in `qtype` (F32, F16, Q8_0, ...), 1-D tensors in F32."""
+    import gguf
+    import numpy as np
+
+    cfg = hf_model.config
+    arch = arch or cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    qt = gguf.GGMLQuantizationType[qtype]
+    for name, tensor in hf_model.state_dict().items():
+        arr = tensor.detach().float().numpy()
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if cfg.model_type == "llama" and "q_proj" in name:
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads)
+        elif cfg.model_type == "llama" and "k_proj" in name:
+            arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        if name == "model.embed_tokens.weight":
+            out = "token_embd.weight"
+        elif name == "model.norm.weight":
+            out = "output_norm.weight"
+        elif name == "lm_head.weight":
+            out = "output.weight"
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            out = f"blk.{layer}.{_GGUF_NAMES[rest]}"
+        if arr.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(out, np.ascontiguousarray(arr, np.float32))
+        elif qt == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(out, arr.astype(np.float16))
+        else:
+            w.add_tensor(out, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
