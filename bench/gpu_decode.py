@@ -1,0 +1,329 @@
+"""GPU benchmark: batch-1 decode and 512-token prefill of the CUDA backend in real model shapes
+(random bf16 weights from the HF configs), next to HF transformers bf16 on the same GPU in the
+same run, and next to the HBM roofline (weight bytes per token / measured copy bandwidth).
+
+    python bench/gpu_decode.py [--models smollm2,qwen05,llama1b] [--steps 128] [--json out.json]
+
+Needs a CUDA GPU, pycuda, cuda-bindings, torch and transformers (bench only)."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from inference_service.backends.base import BatchItem
+from inference_service.backends.cuda_weights import weight_bytes_read_per_token
+from inference_service.engine.sampling_params import SamplingParams
+from inference_service.models.config import ModelConfig, RopeScaling
+from inference_service.models.loader import LoadedModel
+
+GREEDY = SamplingParams(temperature=0.0)
+
+# HF config.json values of the real models.
+SHAPES: dict[str, dict] = {
+    "smollm2": dict(
+        name="SmolLM2-135M", arch="llama", vocab_size=49152, hidden_size=576,
+        intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+        rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=8192, tie=True,
+        bias=False, rope_scaling=None,
+    ),
+    "qwen05": dict(
+        name="Qwen2.5-0.5B", arch="qwen2", vocab_size=151936, hidden_size=896,
+        intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, tie=True,
+        bias=True, rope_scaling=None,
+    ),
+    "llama1b": dict(
+        name="Llama-3.2-1B", arch="llama", vocab_size=128256, hidden_size=2048,
+        intermediate_size=8192, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+        rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072, tie=True,
+        bias=False, rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=8192),
+    ),
+}  # fmt: skip
+
+
+def model_config(s: dict) -> ModelConfig:
+    rs = s["rope_scaling"]
+    return ModelConfig(
+        architecture=s["arch"], vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"], num_layers=s["num_layers"],
+        num_heads=s["num_heads"], num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
+        rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
+        max_position_embeddings=s["max_position_embeddings"], tie_word_embeddings=s["tie"],
+        attention_bias=s["bias"], rope_scaling=RopeScaling(**rs) if rs else None,
+    )  # fmt: skip
+
+
+def hf_model(s: dict):
+    """A random-init HF model in bf16 on the GPU, in the same shape."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+        rms_norm_eps=s["rms_norm_eps"], rope_theta=s["rope_theta"],
+        max_position_embeddings=s["max_position_embeddings"], tie_word_embeddings=s["tie"],
+    )  # fmt: skip
+    if s["arch"] == "qwen2":
+        cfg, cls = Qwen2Config(**kw), Qwen2ForCausalLM
+    else:
+        rs = s["rope_scaling"]
+        if rs:
+            kw["rope_scaling"] = {"rope_type": "llama3", **rs}
+        cfg, cls = LlamaConfig(head_dim=s["head_dim"], **kw), LlamaForCausalLM
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cls(cfg).to(torch.bfloat16)
+    return model.eval()
+
+
+def weights_from_hf(model) -> dict[str, np.ndarray]:
+    """The HF model's tensors as numpy uint16 bf16 bit patterns (what CudaBackend takes)."""
+    import torch
+
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to(torch.bfloat16).contiguous()
+        out[name] = t.view(torch.int16).cpu().numpy().view(np.uint16)
+    return out
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (median of 20)."""
+    import torch
+
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    times = []
+    for _ in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n / statistics.median(times[5:])
+
+
+@dataclass
+class Result:
+    model: str
+    weight_mb: float
+    roofline_tok_s: float
+    decode_tok_s: float
+    decode_pct_roofline: float
+    decode_step_us: float
+    eager_decode_tok_s: float
+    prefill512_tok_s: float
+    hf_decode_tok_s: float
+    hf_prefill512_tok_s: float
+    first_tokens_agree_with_hf: int
+
+
+def run_decode(backend, prompt: list[int], steps: int, table: list[int]) -> tuple[list[int], float]:
+    """Prefill, then `steps` greedy decode steps through step(); returns tokens and the wall time
+    of the decode steps alone (each step ends with its ids on the host)."""
+    hist = list(prompt)
+    item = BatchItem(0, np.array(prompt, np.int32), 0, table, GREEDY)
+    tok = backend.step([item])[0].token_id
+    toks = [tok]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        hist.append(tok)
+        item = BatchItem(0, np.array([tok], np.int32), len(hist) - 1, table, GREEDY)
+        tok = backend.step([item])[0].token_id
+        toks.append(tok)
+    return toks, time.perf_counter() - t0
+
+
+def bench_model(key: str, steps: int, bw: float) -> Result:
+    import torch
+
+    from inference_service.backends.cuda_backend import CudaBackend
+
+    s = SHAPES[key]
+    cfg = model_config(s)
+    hf = hf_model(s)
+    model = LoadedModel(config=cfg, weights=weights_from_hf(hf), source="random", dtype="bf16")
+    backend = CudaBackend(model, num_blocks=256, block_size=16)
+    del model
+    gc.collect()
+    wbytes = weight_bytes_read_per_token(cfg)
+    roofline = bw / wbytes
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, 16).tolist()
+    table = list(range(64))
+
+    run_decode(backend, prompt, 16, table)  # warm-up: captures the graphs
+    toks, t = run_decode(backend, prompt, steps, table)
+    decode = steps / t
+    backend.use_graphs = False
+    _, te = run_decode(backend, prompt, 32, table)
+    backend.use_graphs = True
+    eager = 32 / te
+
+    long_prompt = rng.integers(0, cfg.vocab_size, 512).tolist()
+    ptimes = []
+    for i in range(6):
+        item = BatchItem(1, np.array(long_prompt, np.int32), 0, list(range(64, 96)), GREEDY)
+        t0 = time.perf_counter()
+        backend.step([item])
+        if i:
+            ptimes.append(time.perf_counter() - t0)
+    prefill = 512 / statistics.median(ptimes)
+
+    # HF transformers bf16, same GPU, same weights.
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        gen = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+        hf.generate(ids, attention_mask=torch.ones_like(ids), **{**gen, "max_new_tokens": 8,
+                                                                  "min_new_tokens": 8})  # fmt: skip
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+        torch.cuda.synchronize()
+        hf_decode = steps / (time.perf_counter() - t0)
+        hf_toks = out[0, len(prompt) :].tolist()
+        lp = torch.tensor([long_prompt], device="cuda")
+        hf(lp)
+        torch.cuda.synchronize()
+        hts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            hf(lp)
+            torch.cuda.synchronize()
+            hts.append(time.perf_counter() - t0)
+        hf_prefill = 512 / statistics.median(hts)
+    agree = 0
+    for a, b in zip(toks, hf_toks, strict=False):
+        if a != b:
+            break
+        agree += 1
+
+    backend.close()
+    del backend, hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return Result(
+        model=s["name"], weight_mb=wbytes / 1e6, roofline_tok_s=roofline, decode_tok_s=decode,
+        decode_pct_roofline=100 * decode / roofline, decode_step_us=1e6 / decode,
+        eager_decode_tok_s=eager, prefill512_tok_s=prefill, hf_decode_tok_s=hf_decode,
+        hf_prefill512_tok_s=hf_prefill, first_tokens_agree_with_hf=agree,
+    )  # fmt: skip
+
+
+def gemv_profile(key: str, bw: float) -> list[dict]:
+    """Achieved bandwidth of each decode GEMV of the shape (layer 0 weights, batch 1), timed as
+    50 launches captured in one CUDA graph: where the decode step's time goes."""
+    import pycuda.driver as cuda
+
+    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda_graphs import capture
+
+    s = SHAPES[key]
+    cfg = model_config(s)
+    from inference_service.models.weights import expected_shapes
+
+    rng = np.random.default_rng(0)
+    w = {
+        k: (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+        if len(shape) == 1 or shape[0] * shape[1] < 1 << 24
+        else np.full(shape, 0x3C00, np.uint16) ^ rng.integers(0, 255, shape, dtype=np.uint16)
+        for k, shape in expected_shapes(cfg).items()
+    }
+    b = CudaBackend(LoadedModel(cfg, w, "random", "bf16"), num_blocks=64, block_size=16)
+    hid, inter = cfg.hidden_size, cfg.intermediate_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    qd = cfg.num_heads * cfg.head_dim
+    ws = b._ws
+    resid, act, attn, qkvb = int(ws.resid), int(ws.act), int(ws.attn), int(ws.qkv)
+    cases = {
+        "qkv (+norm)": (lambda: b._gemv(1, b.w["L0.wqkv"], qkv, hid, resid, 1, hid, 0,
+                                        b.w["L0.attn_norm"], qkvb, 0, qkv), qkv * hid),
+        "o_proj (+resid)": (lambda: b._gemv(1, b.w["L0.wo"], hid, qd, attn, 0, qd, 0, 0, resid,
+                                            1, hid), hid * qd),
+        "gate_up+SwiGLU": (lambda: b._gemv(1, b.w["L0.wgu"], inter, hid, resid, 1, hid, 0,
+                                           b.w["L0.mlp_norm"], act, 0, inter, pair=True),
+                           2 * inter * hid),
+        "down (+resid)": (lambda: b._gemv(1, b.w["L0.wd"], hid, inter, act, 0, inter, 0, 0,
+                                          resid, 1, hid), hid * inter),
+        "lm_head+argmax": (lambda: b._gemv(1, b.w["lm_head"], cfg.vocab_size, hid, resid, 1, hid,
+                                           0, b.w["final_norm"], int(b._logits), 2,
+                                           cfg.vocab_size, 0, int(b._argmax)),
+                           cfg.vocab_size * hid),
+    }  # fmt: skip
+    rows = []
+    reps = 50
+    for name, (fn, elems) in cases.items():
+        g = capture(b.stream.handle, lambda fn=fn: [fn() for _ in range(reps)])
+        g.launch(b.stream.handle)
+        b.stream.synchronize()
+        times = []
+        for _ in range(5):
+            start, end = cuda.Event(), cuda.Event()
+            start.record(b.stream)
+            g.launch(b.stream.handle)
+            end.record(b.stream)
+            end.synchronize()
+            times.append(end.time_since(start) / 1e3 / reps)
+        t = statistics.median(times)
+        rows.append(dict(model=s["name"], kernel=name, mb=2 * elems / 1e6, us=t * 1e6,
+                         gb_s=2 * elems / t / 1e9, pct_copy_bw=100 * 2 * elems / t / bw))  # fmt: skip
+        g.close()
+    b.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2,qwen05,llama1b")
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default="llama1b", help="shapes to profile GEMVs of ('' = none)")
+    args = ap.parse_args()
+    import torch
+
+    gpu = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    print(f"GPU: {gpu}; device copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    results = []
+    for key in args.models.split(","):
+        r = bench_model(key, args.steps, bw)
+        results.append(r)
+        print(json.dumps(asdict(r)), flush=True)
+    profile = []
+    for key in filter(None, args.profile.split(",")):
+        profile += gemv_profile(key, bw)
+    print(f"\n{gpu}, bf16, batch 1, {args.steps} decode steps after a 16-token prompt")
+    print(f"{'model':14} {'weights MB':>10} {'roofline':>9} {'decode':>8} {'%roof':>6} "
+          f"{'eager':>7} {'HF':>6} {'x HF':>6} {'prefill512':>10} {'HF pf':>8} {'agree':>5}")  # fmt: skip
+    for r in results:
+        print(f"{r.model:14} {r.weight_mb:10.0f} {r.roofline_tok_s:9.0f} {r.decode_tok_s:8.0f} "
+              f"{r.decode_pct_roofline:5.0f}% {r.eager_decode_tok_s:7.0f} {r.hf_decode_tok_s:6.0f} "
+              f"{r.decode_tok_s / r.hf_decode_tok_s:6.1f} {r.prefill512_tok_s:10.0f} "
+              f"{r.hf_prefill512_tok_s:8.0f} {r.first_tokens_agree_with_hf:5d}")  # fmt: skip
+    if profile:
+        print("\nGEMV profile (batch 1, layer 0, 50 launches in one graph):")
+        for p in profile:
+            print(f"  {p['model']:14} {p['kernel']:18} {p['mb']:7.1f} MB {p['us']:8.1f} us "
+                  f"{p['gb_s']:7.0f} GB/s {p['pct_copy_bw']:5.0f}% of copy")  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=gpu, copy_bw=bw, results=[asdict(r) for r in results],
+                           profile=profile), f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

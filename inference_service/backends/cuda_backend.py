@@ -1,0 +1,500 @@
+"""The CUDA backend: our kernels (cuda_kernels/*.cu) driven from PyCUDA.
+
+Device memory is allocated once: one weight arena (bf16 matrices, fp32 norms/biases), one paged
+KV pool ([layer][k|v][block][slot][kv head][head dim], bf16, plus one scratch block that padded
+graph rows write to), and one activation workspace sized for `max_tokens`. A step's inputs
+(ids, positions, KV slots, block tables) travel in one packed int32 copy from pinned memory.
+
+Decode steps (every item one token, all sampled) replay a CUDA graph captured per batch-size
+bucket and block-table width; other steps (prefill chunks, mixed batches) launch the same
+kernels eagerly. Up to 8 token rows run as GEMVs (weights read once), more as tensor-core
+GEMMs. Greedy sampling is fused into the lm_head GEMV (an atomicMax argmax), so only the ids
+come back; temperature / top-k / top-p / min-p / repetition penalty / logprobs rows copy their
+logits row to the host sampler (inference_service/engine/sampler.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from inference_service.backends.base import BatchItem
+from inference_service.backends.cuda_plan import (
+    GEMV_MAX_TOKENS,
+    InputLayout,
+    attention_kernel,
+    attention_splits,
+    blocks_for_memory,
+    bucket_for,
+    ceil_div,
+    check_supported,
+    gemm_tile,
+    gemv_grid,
+    gemv_smem,
+    kv_block_bytes,
+    width_bucket,
+)
+from inference_service.backends.cuda_weights import plan_arena
+from inference_service.engine.sampler import sample
+from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+from inference_service.models.loader import LoadedModel
+from inference_service.models.rope import rope_inv_freq
+
+DEFAULT_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PARTIAL_TOKENS = 64  # token rows the flash-decoding partials buffer holds at max splits
+MAX_SPLITS = 32
+KV_FREE_FRACTION = 0.90  # of the memory left after weights + workspace, when no size is given
+
+_SIGNATURES = {
+    "embedding_gather": "PPPiiPi",
+    "add_rmsnorm": "PPiPPif",
+    "swiglu": "PPi",
+    "rope_kv_write": "PiPPPPPiiii",
+    "argmax_rows": "PiiP",
+    "argmax_finish": "PiP",
+}
+_GEMV_SIG = "PiiPiiPPfPiiPP"
+_GEMM_SIG = "PiPiiiiPiiP"
+_ATT_SIG = "PiPPPiPPPiPPPiiiif"
+
+
+def fast_greedy(p: SamplingParams) -> bool:
+    """Rows the fused device argmax serves alone (no penalty, no logprobs)."""
+    return p.greedy and p.repetition_penalty == 1.0 and p.logprobs is None
+
+
+@dataclass
+class _Workspace:
+    tokens: int  # token rows of every activation buffer
+    resid: Any
+    xnorm: Any
+    qkv: Any
+    attn: Any
+    gate_up: Any
+    act: Any
+    inputs: Any  # packed int32 step inputs (device)
+    inputs_host: np.ndarray  # pinned mirror
+
+
+class CudaBackend:
+    """Same interface as NumpyBackend (see base.Backend)."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        num_blocks: int | None = None,
+        block_size: int = 16,
+        kv_memory_bytes: int | None = None,
+        *,
+        device_index: int = 0,
+        max_tokens: int = 2048,
+        max_batch: int = 256,
+        use_graphs: bool = True,
+        graph_buckets: tuple[int, ...] = DEFAULT_GRAPH_BUCKETS,
+    ) -> None:
+        import pycuda.driver as cuda
+
+        from cuda_kernels import load_kernels
+
+        c = model.config
+        check_supported(c)
+        self.config = c
+        self.block_size = block_size
+        self.use_graphs = use_graphs
+        self.graph_buckets = tuple(sorted(graph_buckets))
+        self._cuda = cuda
+        cuda.init()
+        dev = cuda.Device(device_index)
+        self._ctx = dev.retain_primary_context()
+        self._ctx.push()
+        self._ctx_threads = {threading.get_ident()}
+        atexit.register(self._at_exit)
+        self.device_name = f"cuda:{device_index} ({dev.name()})"
+        self.sm_count = dev.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
+        self.kernels = load_kernels()
+        self._prepare_functions()
+        self.stream = cuda.Stream()
+
+        # Weights: one arena.
+        entries, total = plan_arena(c, model.weights)
+        self._arena = cuda.mem_alloc(total)
+        base = int(self._arena)
+        self.w: dict[str, int] = {}
+        for e in entries:
+            host = e.build()
+            assert host.nbytes == e.nbytes, (e.name, host.nbytes, e.nbytes)
+            cuda.memcpy_htod(base + e.offset, host)
+            self.w[e.name] = base + e.offset
+        if c.tie_word_embeddings:
+            self.w["lm_head"] = self.w["embed"]
+        self.weight_bytes = total
+        self._inv_freq = cuda.to_device(rope_inv_freq(c).astype(np.float32))
+
+        # Activations, logits and attention scratch.
+        self.max_batch = max_batch
+        self._qkv_dim = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        self._q_dim = c.num_heads * c.head_dim
+        self._logits = cuda.mem_alloc(max_batch * c.vocab_size * 4)
+        self._argmax = cuda.mem_alloc(max_batch * 8)
+        self._argmax_host = cuda.pagelocked_empty(max_batch, np.uint64)
+        self._logits_host = cuda.pagelocked_empty((1, c.vocab_size), np.float32)
+        self._part_o = cuda.mem_alloc(PARTIAL_TOKENS * c.num_heads * MAX_SPLITS * c.head_dim * 4)
+        self._part_ml = cuda.mem_alloc(PARTIAL_TOKENS * c.num_heads * MAX_SPLITS * 2 * 4)
+        self._counters = None
+        self._graphs: dict[tuple[int, int], Any] = {}
+        self._ws: _Workspace | None = None
+        self._max_width = 1  # provisional; fixed after the pool is sized
+        self._alloc_workspace(max_tokens)
+
+        # KV pool: sized from the flag, or from the memory left.
+        per_block = kv_block_bytes(c, block_size)
+        if not num_blocks:
+            if kv_memory_bytes:
+                num_blocks = blocks_for_memory(kv_memory_bytes, c, block_size)
+            else:
+                free, _ = cuda.mem_get_info()
+                num_blocks = blocks_for_memory(int(free * KV_FREE_FRACTION), c, block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"no room for a KV cache on {self.device_name}: one block needs {per_block} bytes"
+            )
+        self.num_blocks = int(num_blocks)
+        self._kv = cuda.mem_alloc((self.num_blocks + 1) * per_block)
+        self._layer_kv_bytes = (self.num_blocks + 1) * block_size * c.num_kv_heads * c.head_dim * 2
+        self.scratch_block = self.num_blocks  # padded graph rows read/write only this block
+        self.max_model_len = min(c.max_position_embeddings, self.num_blocks * block_size)
+        self._max_width = ceil_div(self.max_model_len, block_size)
+        self._alloc_workspace(max_tokens)  # input buffer sized for the real table width
+        self._att_name = attention_kernel(c.head_dim)
+        self._scale = float(1.0 / np.sqrt(c.head_dim))
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare_functions(self) -> None:
+        self._f: dict[str, Any] = {}
+        for name, sig in _SIGNATURES.items():
+            self._f[name] = self.kernels.fn(name).prepare(sig)
+        for t in range(1, GEMV_MAX_TOKENS + 1):
+            for kind in ("gemv", "gemv_pair"):
+                name = f"{kind}_t{t}"
+                self._f[name] = self.kernels.fn(name).prepare(_GEMV_SIG)
+        for name in ("gemm_128x128", "gemm_64x128", "gemm_64x64"):
+            self._f[name] = self.kernels.fn(name).prepare(_GEMM_SIG)
+        for dl in (1, 2, 4, 8):
+            name = f"paged_attention_dl{dl}"
+            self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
+
+    def _alloc_workspace(self, tokens: int) -> None:
+        cuda, c = self._cuda, self.config
+        self._graphs_clear()
+        self._ws = None  # free the old buffers first
+        hid = c.hidden_size
+        layout = InputLayout(tokens, tokens, self.max_batch, self._max_width)
+        self._ws = _Workspace(
+            tokens=tokens,
+            resid=cuda.mem_alloc(tokens * hid * 4),
+            xnorm=cuda.mem_alloc(tokens * hid * 2),
+            qkv=cuda.mem_alloc(tokens * self._qkv_dim * 2),
+            attn=cuda.mem_alloc(tokens * self._q_dim * 2),
+            gate_up=cuda.mem_alloc(tokens * 2 * c.intermediate_size * 2),
+            act=cuda.mem_alloc(tokens * c.intermediate_size * 2),
+            inputs=cuda.mem_alloc(layout.total * 4),
+            inputs_host=cuda.pagelocked_empty(layout.total, np.int32),
+        )
+        self._counters = cuda.mem_alloc(tokens * c.num_kv_heads * 4)
+        cuda.memset_d32(self._counters, 0, tokens * c.num_kv_heads)
+
+    def _graphs_clear(self) -> None:
+        for g in getattr(self, "_graphs", {}).values():
+            g.close()
+        self._graphs = {}
+
+    def _ensure_context(self) -> None:
+        tid = threading.get_ident()
+        if tid not in self._ctx_threads:
+            self._ctx.push()
+            self._ctx_threads.add(tid)
+
+    def _at_exit(self) -> None:
+        try:
+            self.stream.synchronize()
+            self._graphs_clear()
+            if threading.get_ident() in self._ctx_threads:
+                self._cuda.Context.pop()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ public API
+
+    def step(self, batch: list[BatchItem]) -> list[SampleOutput | None]:
+        if not batch:
+            return []
+        self._ensure_context()
+        self._check(batch)
+        rows = [i for i, it in enumerate(batch) if it.sampling is not None]
+        is_decode = len(rows) == len(batch) and all(len(it.token_ids) == 1 for it in batch)
+        bucket = bucket_for(len(batch), self.graph_buckets) if is_decode else None
+        if self.use_graphs and bucket is not None and bucket <= self.max_batch:
+            self._run_graph(batch, bucket)
+        else:
+            self._run_eager(batch, rows)
+        params = [batch[i].sampling for i in rows]
+        out: list[SampleOutput | None] = [None] * len(batch)
+        if not rows:
+            self.stream.synchronize()
+            return out
+        cuda = self._cuda
+        keys = self._argmax_host[: len(rows)]
+        cuda.memcpy_dtoh_async(keys, self._argmax, self.stream)
+        self.stream.synchronize()
+        ids = (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
+        for r, i in enumerate(rows):
+            p = params[r]
+            if fast_greedy(p):
+                out[i] = SampleOutput(token_id=int(ids[r]))
+            else:
+                item = batch[i]
+                out[i] = sample(self._logits_row(r), p, item.history, item.step)
+        return out
+
+    def logits(self, batch: list[BatchItem]) -> np.ndarray:
+        if not batch:
+            return np.zeros((0, self.config.vocab_size), np.float32)
+        self._ensure_context()
+        self._check(batch)
+        self._run_eager(batch, list(range(len(batch))))
+        v = self.config.vocab_size
+        host = np.empty((len(batch), v), np.float32)
+        self._cuda.memcpy_dtoh_async(host, self._logits, self.stream)
+        self.stream.synchronize()
+        return host
+
+    def decode_logits_graph(self, batch: list[BatchItem]) -> np.ndarray:
+        """Logits of a decode batch computed through the captured graph (tests compare it
+        with the eager path)."""
+        self._ensure_context()
+        self._check(batch)
+        bucket = bucket_for(len(batch), self.graph_buckets)
+        if bucket is None or any(len(it.token_ids) != 1 for it in batch):
+            raise ValueError("decode_logits_graph needs one token per item within the buckets")
+        self._run_graph(batch, bucket)
+        host = np.empty((len(batch), self.config.vocab_size), np.float32)
+        self._cuda.memcpy_dtoh_async(host, self._logits, self.stream)
+        self.stream.synchronize()
+        return host
+
+    def close(self) -> None:
+        self._at_exit()
+
+    # ------------------------------------------------------------------ inputs
+
+    def _check(self, batch: list[BatchItem]) -> None:
+        v = self.config.vocab_size
+        for item in batch:
+            n = len(item.token_ids)
+            if n == 0:
+                raise ValueError(f"sequence {item.seq_id}: no tokens to run")
+            end = item.start_pos + n
+            if len(item.block_table) * self.block_size < end:
+                raise ValueError(
+                    f"sequence {item.seq_id}: block table of {len(item.block_table)} blocks "
+                    f"cannot hold {end} positions (block size {self.block_size})"
+                )
+            if end > self.max_model_len:
+                raise ValueError(
+                    f"sequence {item.seq_id}: {end} positions exceed the CUDA backend's "
+                    f"maximum of {self.max_model_len}"
+                )
+            ids = np.asarray(item.token_ids)
+            if ids.min() < 0 or ids.max() >= v:
+                raise ValueError(f"sequence {item.seq_id}: token id out of range 0..{v - 1}")
+            bt = np.asarray(item.block_table)
+            if bt.size and (bt.min() < 0 or bt.max() >= self.num_blocks):
+                raise ValueError(
+                    f"sequence {item.seq_id}: block id out of range 0..{self.num_blocks - 1}"
+                )
+        n_rows = sum(it.sampling is not None for it in batch)
+        if n_rows > self.max_batch or len(batch) > self.max_batch:
+            raise ValueError(f"batch of {len(batch)} exceeds the CUDA backend's {self.max_batch}")
+
+    def _fill_inputs(
+        self, batch: list[BatchItem], rows: list[int], layout: InputLayout, pad_to: int
+    ) -> None:
+        """Pack the step's int32 inputs into the pinned buffer and copy them to the device.
+        Rows past len(batch) (graph padding) run token 0 at position 0 in the scratch block."""
+        bs = self.block_size
+        h = self._ws.inputs_host
+        h[: layout.total] = 0
+        T = layout.tokens
+        ids = h[layout.ids : layout.ids + T]
+        pos = h[layout.positions : layout.positions + T]
+        slots = h[layout.slots : layout.slots + T]
+        tok_seq = h[layout.tok_seq : layout.tok_seq + T]
+        out_rows = h[layout.out_rows : layout.out_rows + layout.rows]
+        bt = h[layout.block_tables : layout.total].reshape(layout.seqs, layout.width)
+        bt[:] = self.scratch_block
+        t = 0
+        last = []
+        for s, item in enumerate(batch):
+            n = len(item.token_ids)
+            p = np.arange(item.start_pos, item.start_pos + n)
+            table = np.asarray(item.block_table, dtype=np.int32)
+            ids[t : t + n] = item.token_ids
+            pos[t : t + n] = p
+            slots[t : t + n] = table[p // bs] * bs + p % bs
+            tok_seq[t : t + n] = s
+            w = min(len(table), layout.width)
+            bt[s, :w] = table[:w]
+            t += n
+            last.append(t - 1)
+        for s in range(len(batch), pad_to):
+            ids[t] = 0
+            pos[t] = 0
+            slots[t] = self.scratch_block * bs
+            tok_seq[t] = s
+            last.append(t)
+            t += 1
+        row_tokens = [last[i] for i in rows] + last[len(batch) :]
+        out_rows[: len(row_tokens)] = row_tokens
+        self._cuda.memcpy_htod_async(self._ws.inputs, h[: layout.total], self.stream)
+
+    # ------------------------------------------------------------------ execution
+
+    def _run_eager(self, batch: list[BatchItem], rows: list[int]) -> None:
+        T = sum(len(it.token_ids) for it in batch)
+        if self._ws.tokens < T:
+            self._alloc_workspace(max(T, 2 * self._ws.tokens))
+        width = max(1, max(len(it.block_table) for it in batch))
+        width = min(width, self._max_width)
+        layout = InputLayout(T, len(batch), len(rows), width)
+        self._fill_inputs(batch, rows, layout, pad_to=len(batch))
+        max_ctx = max(it.start_pos + len(it.token_ids) for it in batch)
+        self._launch_forward(layout, max_ctx)
+
+    def _run_graph(self, batch: list[BatchItem], bucket: int) -> None:
+        need = max(ceil_div(it.start_pos + 1, self.block_size) for it in batch)
+        width = width_bucket(need, self._max_width)
+        if bucket > self._ws.tokens:
+            self._alloc_workspace(bucket)
+        layout = InputLayout(bucket, bucket, bucket, width)
+        self._fill_inputs(batch, list(range(len(batch))), layout, pad_to=bucket)
+        key = (bucket, width)
+        graph = self._graphs.get(key)
+        if graph is None:
+            from inference_service.backends.cuda_graphs import capture
+
+            self.stream.synchronize()
+            graph = capture(
+                self.stream.handle, lambda: self._launch_forward(layout, width * self.block_size)
+            )
+            self._graphs[key] = graph
+        graph.launch(self.stream.handle)
+
+    def _gemv(self, tokens, W, n, k, x, xmode, x_stride, x_rows, norm, y, ymode, y_stride,
+              bias=0, argmax=0, pair=False) -> None:  # fmt: skip
+        name = f"{'gemv_pair' if pair else 'gemv'}_t{tokens}"
+        self._f[name].prepared_async_call(
+            (gemv_grid(n, self.sm_count), 1, 1), (128, 1, 1), self.stream,
+            W, n, k, x, xmode, x_stride, x_rows, norm, self.config.rms_norm_eps,
+            y, ymode, y_stride, bias, argmax,
+            shared_size=gemv_smem(tokens, k),
+        )  # fmt: skip
+
+    def _gemm(self, a, lda, W, ldw, m, n, k, c, ldc, mode, bias=0) -> None:
+        tile = gemm_tile(m, n, self.sm_count)
+        self._f[tile.name].prepared_async_call(
+            tile.grid(m, n), (tile.threads, 1, 1), self.stream,
+            a, lda, W, ldw, m, n, k, c, ldc, mode, bias,
+            shared_size=tile.smem,
+        )  # fmt: skip
+
+    def _launch_forward(self, layout: InputLayout, max_ctx: int) -> None:
+        """Enqueue one whole step on self.stream (also what a graph captures)."""
+        c, ws, f, s = self.config, self._ws, self._f, self.stream
+        T, R = layout.tokens, layout.rows
+        hid, inter, qkv, qd = c.hidden_size, c.intermediate_size, self._qkv_dim, self._q_dim
+        eps = c.rms_norm_eps
+        inp = int(ws.inputs)
+        ids = inp + 4 * layout.ids
+        pos = inp + 4 * layout.positions
+        slots = inp + 4 * layout.slots
+        tok_seq = inp + 4 * layout.tok_seq
+        out_rows = inp + 4 * layout.out_rows
+        bt = inp + 4 * layout.block_tables
+        resid, xnorm, qkvb, attn = int(ws.resid), int(ws.xnorm), int(ws.qkv), int(ws.attn)
+        gate_up, act = int(ws.gate_up), int(ws.act)
+        small = T <= GEMV_MAX_TOKENS
+        max_splits = min(MAX_SPLITS, (PARTIAL_TOKENS * MAX_SPLITS) // T)
+        nsplit = attention_splits(T, c.num_kv_heads, max_ctx, self.sm_count, max_splits)
+        if ws.tokens < T:
+            raise AssertionError("workspace too small")
+
+        f["embedding_gather"].prepared_async_call(
+            (T, 1, 1), (128, 1, 1), s, self.w["embed"], ids, resid, hid, c.vocab_size,
+            int(self._argmax), R,
+        )  # fmt: skip
+        kv_base = int(self._kv)
+        for li in range(c.num_layers):
+            w = self.w
+            kc = kv_base + (2 * li) * self._layer_kv_bytes
+            vc = kc + self._layer_kv_bytes
+            bias = w.get(f"L{li}.bqkv", 0)
+            if small:
+                self._gemv(T, w[f"L{li}.wqkv"], qkv, hid, resid, 1, hid, 0,
+                           w[f"L{li}.attn_norm"], qkvb, 0, qkv, bias)  # fmt: skip
+            else:
+                f["add_rmsnorm"].prepared_async_call(
+                    (T, 1, 1), (256, 1, 1), s, resid, 0, 0, w[f"L{li}.attn_norm"], xnorm, hid, eps
+                )
+                self._gemm(xnorm, hid, w[f"L{li}.wqkv"], hid, T, qkv, hid, qkvb, qkv, 0, bias)
+            f["rope_kv_write"].prepared_async_call(
+                (T, 1, 1), (128, 1, 1), s, qkvb, qkv, pos, slots, int(self._inv_freq), kc, vc,
+                c.num_heads, c.num_kv_heads, c.head_dim, 0,
+            )  # fmt: skip
+            f[self._att_name].prepared_async_call(
+                (T, c.num_kv_heads, nsplit), (128, 1, 1), s, qkvb, qkv, kc, vc, bt,
+                layout.width, tok_seq, pos, attn, qd, int(self._part_o), int(self._part_ml),
+                int(self._counters), c.num_heads, c.num_kv_heads, c.head_dim, self.block_size,
+                self._scale,
+            )  # fmt: skip
+            if small:
+                self._gemv(T, w[f"L{li}.wo"], hid, qd, attn, 0, qd, 0, 0, resid, 1, hid)
+                self._gemv(T, w[f"L{li}.wgu"], inter, hid, resid, 1, hid, 0,
+                           w[f"L{li}.mlp_norm"], act, 0, inter, pair=True)  # fmt: skip
+                self._gemv(T, w[f"L{li}.wd"], hid, inter, act, 0, inter, 0, 0, resid, 1, hid)
+            else:
+                self._gemm(attn, qd, w[f"L{li}.wo"], qd, T, hid, qd, resid, hid, 1)
+                f["add_rmsnorm"].prepared_async_call(
+                    (T, 1, 1), (256, 1, 1), s, resid, 0, 0, w[f"L{li}.mlp_norm"], xnorm, hid, eps
+                )
+                self._gemm(
+                    xnorm, hid, w[f"L{li}.wgu"], hid, T, 2 * inter, hid, gate_up, 2 * inter, 0
+                )
+                f["swiglu"].prepared_async_call(
+                    (ceil_div(inter // 8, 256), T, 1), (256, 1, 1), s, gate_up, act, inter
+                )
+                self._gemm(act, inter, w[f"L{li}.wd"], inter, T, hid, inter, resid, hid, 1)
+        # Final norm + lm_head (+ fused argmax) over the rows to sample, 8 rows per launch.
+        logits, argmax, v = int(self._logits), int(self._argmax), c.vocab_size
+        for r0 in range(0, R, GEMV_MAX_TOKENS):
+            n = min(GEMV_MAX_TOKENS, R - r0)
+            self._gemv(n, self.w["lm_head"], v, hid, resid, 1, hid, out_rows + 4 * r0,
+                       self.w["final_norm"], logits + 4 * r0 * v, 2, v, 0,
+                       argmax + 8 * r0)  # fmt: skip
+
+    def _logits_row(self, r: int) -> np.ndarray:
+        v = self.config.vocab_size
+        self._cuda.memcpy_dtoh_async(
+            self._logits_host[0], int(self._logits) + 4 * r * v, self.stream
+        )
+        self.stream.synchronize()
+        return np.array(self._logits_host[0])
+
+
+def kv_bytes_per_block(config, block_size: int) -> int:
+    """Device bytes of one KV block (create_backend converts a byte budget with it)."""
+    return kv_block_bytes(config, block_size)

@@ -1,0 +1,168 @@
+"""Launch-shape and memory-layout arithmetic of the CUDA backend: pure functions, no device,
+so CI can test them. The constants mirror the kernels in cuda_kernels/*.cu."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inference_service.models.config import ModelConfig
+
+GEMV_WARPS = 4  # rows per GEMV block (one warp per row); gemv.cuh GEMV_WARPS
+GEMV_MAX_TOKENS = 8  # gemv_t1 .. gemv_t8
+GEMV_BLOCKS_PER_SM = 8
+GEMM_BK, GEMM_SKEW, GEMM_STAGES = 32, 8, 3  # gemm.cu
+ATT_GMAX, ATT_DMAX = 8, 256  # attention.cu: query heads per kv head, head dim
+ATT_MIN_KEYS_PER_SPLIT = 64
+KV_DTYPE_BYTES = 2  # bf16 cache
+
+
+def check_supported(c: ModelConfig) -> None:
+    """Raise ValueError naming the first shape the kernels cannot run."""
+    if c.num_heads % c.num_kv_heads:
+        raise ValueError(
+            f"num_heads {c.num_heads} is not a multiple of num_kv_heads {c.num_kv_heads}"
+        )
+    group = c.num_heads // c.num_kv_heads
+    if group > ATT_GMAX:
+        raise ValueError(
+            f"the CUDA backend supports up to {ATT_GMAX} query heads per kv head, got {group}"
+        )
+    if c.head_dim % 8 or c.head_dim > ATT_DMAX:
+        raise ValueError(
+            f"the CUDA backend needs head_dim a multiple of 8 and <= {ATT_DMAX}, got {c.head_dim}"
+        )
+    for name in ("hidden_size", "intermediate_size"):
+        if getattr(c, name) % 8:
+            raise ValueError(
+                f"the CUDA backend needs {name} a multiple of 8, got {getattr(c, name)}"
+            )
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemv_grid(n_rows: int, sm_count: int) -> int:
+    """Blocks of a GEMV over n_rows outputs: one warp per row, at most as many blocks as fit
+    resident on the chip (the kernel strides over the remaining rows)."""
+    return max(1, min(ceil_div(n_rows, GEMV_WARPS), sm_count * GEMV_BLOCKS_PER_SM))
+
+
+def gemv_smem(tokens: int, k: int) -> int:
+    """Dynamic shared memory of a GEMV: the token rows staged as bf16."""
+    return tokens * k * 2
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    name: str
+    bm: int
+    bn: int
+    threads: int
+
+    @property
+    def smem(self) -> int:
+        return GEMM_STAGES * (self.bm + self.bn) * (GEMM_BK + GEMM_SKEW) * 2
+
+    def grid(self, m: int, n: int) -> tuple[int, int, int]:
+        return (ceil_div(n, self.bn), ceil_div(m, self.bm), 1)
+
+
+GEMM_TILES = (
+    GemmTile("gemm_128x128", 128, 128, 256),
+    GemmTile("gemm_64x128", 64, 128, 128),
+    GemmTile("gemm_64x64", 64, 64, 128),
+)
+
+
+def gemm_tile(m: int, n: int, sm_count: int) -> GemmTile:
+    """The largest tile that still gives every SM a block; else the smallest tile."""
+    for tile in GEMM_TILES:
+        gx, gy, _ = tile.grid(m, n)
+        if gx * gy >= sm_count:
+            return tile
+    return GEMM_TILES[-1]
+
+
+def attention_kernel(head_dim: int) -> str:
+    """paged_attention_dl{1,2,4,8}: head dims per lane = ceil(head_dim / 32), rounded up to 2^k."""
+    per_lane = ceil_div(head_dim, 32)
+    for dl in (1, 2, 4, 8):
+        if per_lane <= dl:
+            return f"paged_attention_dl{dl}"
+    raise ValueError(f"head_dim {head_dim} > {ATT_DMAX}")
+
+
+def attention_splits(
+    tokens: int, kv_heads: int, max_ctx: int, sm_count: int, max_splits: int
+) -> int:
+    """Flash-decoding splits per (token, kv head): enough blocks for two waves over the SMs,
+    each split keeping at least ATT_MIN_KEYS_PER_SPLIT keys, within the partials buffer."""
+    want = ceil_div(2 * sm_count, tokens * kv_heads)
+    by_ctx = ceil_div(max_ctx, ATT_MIN_KEYS_PER_SPLIT)
+    return max(1, min(want, by_ctx, max_splits))
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """Offsets (in int32 elements) of one step's inputs packed into one buffer, so one copy
+    moves them all: ids, positions, slots, tok_seq [T]; out_rows [R]; block tables [S, W]."""
+
+    tokens: int
+    seqs: int
+    rows: int
+    width: int
+
+    @property
+    def ids(self) -> int:
+        return 0
+
+    @property
+    def positions(self) -> int:
+        return self.tokens
+
+    @property
+    def slots(self) -> int:
+        return 2 * self.tokens
+
+    @property
+    def tok_seq(self) -> int:
+        return 3 * self.tokens
+
+    @property
+    def out_rows(self) -> int:
+        return 4 * self.tokens
+
+    @property
+    def block_tables(self) -> int:
+        return 4 * self.tokens + self.rows
+
+    @property
+    def total(self) -> int:
+        return self.block_tables + self.seqs * self.width
+
+
+def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:
+    """Smallest bucket >= n, or None when n exceeds them all."""
+    for b in buckets:
+        if b >= n:
+            return b
+    return None
+
+
+def width_bucket(needed: int, max_width: int) -> int:
+    """Block-table width for a captured graph: the next power of two >= needed (>= 16),
+    capped at max_width, so few graphs cover every context length."""
+    w = 16
+    while w < needed:
+        w *= 2
+    return min(w, max_width)
+
+
+def kv_block_bytes(c: ModelConfig, block_size: int) -> int:
+    """Device bytes of one KV block over all layers (K and V, bf16)."""
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * KV_DTYPE_BYTES
+
+
+def blocks_for_memory(nbytes: int, c: ModelConfig, block_size: int) -> int:
+    return max(0, nbytes // kv_block_bytes(c, block_size))

@@ -1,0 +1,226 @@
+"""CI checks of the CUDA backend that need no GPU: every kernel compiles for sm_90, the cubin
+cache works (keys, warm start), and the host-side arithmetic (bf16 conversion, weight arena,
+launch shapes, input packing) is right."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from cuda_kernels import loader
+from inference_service.backends import cuda_plan as plan
+from inference_service.backends.cuda_weights import (
+    ALIGN,
+    bf16_bits_to_f32,
+    plan_arena,
+    to_bf16_bits,
+    weight_bytes_read_per_token,
+)
+from inference_service.models.config import ModelConfig
+from inference_service.models.weights import expected_shapes
+
+
+def config(**kw) -> ModelConfig:
+    base = dict(architecture="llama", vocab_size=300, hidden_size=64, intermediate_size=136,
+                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# ---------------------------------------------------------------------------- nvcc
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    if loader.find_nvcc() is None:
+        pytest.skip("nvcc not found: the CUDA toolkit is needed to compile the kernels")
+    out = tmp_path_factory.mktemp("cubins")
+    t0 = time.perf_counter()
+    cold = loader.build_all("sm_90", out_dir=out)
+    return out, cold, time.perf_counter() - t0
+
+
+def test_every_kernel_file_compiles_for_sm90(built):
+    out, cold, _ = built
+    assert sorted(cold.compiled) == sorted(p.stem for p in loader.kernel_sources())
+    for name, path in cold.cubins.items():
+        data = path.read_bytes()
+        assert data[:4] == b"\x7fELF", name  # a cubin is an ELF image
+        assert len(data) > 1000
+
+
+def test_warm_start_compiles_nothing_and_is_fast(built):
+    out, cold, _ = built
+    t0 = time.perf_counter()
+    warm = loader.build_all("sm_90", out_dir=out)
+    assert warm.compiled == []
+    assert warm.cubins == cold.cubins
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_kernel_names_the_backend_launches_exist(built):
+    _, cold, _ = built
+    text = b"".join(p.read_bytes() for p in cold.cubins.values())
+    names = ["embedding_gather", "add_rmsnorm", "swiglu", "rope_kv_write", "argmax_rows"]
+    names += [f"gemv_t{t}" for t in range(1, 9)] + [f"gemv_pair_t{t}" for t in range(1, 9)]
+    names += [t.name for t in plan.GEMM_TILES]
+    names += [f"paged_attention_dl{d}" for d in (1, 2, 4, 8)]
+    for n in names:
+        assert n.encode() + b"\x00" in text, n
+
+
+def test_nvcc_errors_are_reported(tmp_path):
+    if loader.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    bad = tmp_path / "bad.cu"
+    bad.write_text('extern "C" __global__ void k() { undefined_thing(); }\n')
+    with pytest.raises(loader.KernelBuildError, match="bad.cu"):
+        loader.build_all("sm_90", kernel_dir=tmp_path, out_dir=tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.cubin"))
+
+
+# ---------------------------------------------------------------------------- cache keys
+
+
+def test_cache_key_changes_with_every_input():
+    base = loader.cache_key(b"src", [b"hdr"], "13.0.88", "sm_90", ("-O3",))
+    assert base == loader.cache_key(b"src", [b"hdr"], "13.0.88", "sm_90", ("-O3",))
+    variants = [
+        loader.cache_key(b"src2", [b"hdr"], "13.0.88", "sm_90", ("-O3",)),
+        loader.cache_key(b"src", [b"hdr2"], "13.0.88", "sm_90", ("-O3",)),
+        loader.cache_key(b"src", [b"hdr"], "13.0.89", "sm_90", ("-O3",)),
+        loader.cache_key(b"src", [b"hdr"], "13.0.88", "sm_89", ("-O3",)),
+        loader.cache_key(b"src", [b"hdr"], "13.0.88", "sm_90", ("-O2",)),
+        loader.cache_key(
+            b"sr", [b"chdr"], "13.0.88", "sm_90", ("-O3",)
+        ),  # no concatenation aliasing
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_parse_nvcc_version_and_arch():
+    text = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 13.0, V13.0.88\n"
+    assert loader.parse_nvcc_version(text) == "13.0.88"
+    with pytest.raises(loader.KernelBuildError):
+        loader.parse_nvcc_version("garbage")
+    assert loader.arch_for((9, 0)) == "sm_90"
+    assert loader.arch_for((8, 6)) == "sm_86"
+
+
+def test_cache_dir_follows_kuiper_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUIPER_HOME", str(tmp_path))
+    assert loader.cache_dir() == tmp_path / "cuda-kernels"
+
+
+# ---------------------------------------------------------------------------- bf16 + arena
+
+
+def test_bf16_conversion_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 100,
+                        np.array([0.0, -0.0, 1e-40, 3.0e38, -1.5, np.inf, -np.inf], np.float32)])  # fmt: skip
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(to_bf16_bits(x), ref)
+    assert to_bf16_bits(np.array([np.nan], np.float32))[0] & 0x7FFF > 0x7F80  # still NaN
+    back = bf16_bits_to_f32(ref)
+    np.testing.assert_array_equal(
+        back, torch.from_numpy(ref.view(np.int16)).view(torch.bfloat16).float().numpy()
+    )
+    bits = np.array([1, 2, 3], np.uint16)
+    assert to_bf16_bits(bits) is not None and (to_bf16_bits(bits) == bits).all()
+
+
+@pytest.mark.parametrize("bias,tied", [(False, False), (True, True)])
+def test_arena_layout(bias, tied):
+    c = config(attention_bias=bias, tie_word_embeddings=tied)
+    rng = np.random.default_rng(1)
+    w = {k: rng.standard_normal(s).astype(np.float32) for k, s in expected_shapes(c).items()}
+    entries, total = plan_arena(c, w)
+    names = [e.name for e in entries]
+    assert ("L0.bqkv" in names) == bias and ("lm_head" in names) == (not tied)
+    end = 0
+    for e in entries:
+        assert e.offset % ALIGN == 0 and e.offset >= end
+        end = e.offset + e.nbytes
+        assert e.build().nbytes == e.nbytes, e.name
+    assert end <= total < end + ALIGN
+    by = {e.name: e for e in entries}
+    qkv = bf16_bits_to_f32(by["L1.wqkv"].build())
+    p = "model.layers.1.self_attn."
+    ref = np.concatenate([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]])
+    np.testing.assert_allclose(qkv, ref, rtol=2**-8)
+    gu = bf16_bits_to_f32(by["L0.wgu"].build())
+    np.testing.assert_allclose(
+        gu[c.intermediate_size :], w["model.layers.0.mlp.up_proj.weight"], rtol=2**-8
+    )
+    np.testing.assert_array_equal(by["final_norm"].build(), w["model.norm.weight"])
+
+
+def test_weight_bytes_per_token_counts_matrices_and_lm_head():
+    c = config()
+    shapes = expected_shapes(c)
+    mats = sum(int(np.prod(s)) for k, s in shapes.items() if k.endswith("proj.weight"))
+    assert weight_bytes_read_per_token(c) == 2 * (mats + c.vocab_size * c.hidden_size)
+
+
+# ---------------------------------------------------------------------------- launch shapes
+
+
+def test_check_supported():
+    plan.check_supported(config())
+    with pytest.raises(ValueError, match="head_dim"):
+        plan.check_supported(config(head_dim=12))
+    with pytest.raises(ValueError, match="query heads per kv head"):
+        plan.check_supported(config(num_heads=18, num_kv_heads=1))
+    with pytest.raises(ValueError, match="intermediate_size"):
+        plan.check_supported(config(intermediate_size=100))
+
+
+def test_gemv_grid_fills_but_does_not_exceed_the_chip():
+    assert plan.gemv_grid(576, 132) == 144  # one warp per row, 4 rows per block
+    assert plan.gemv_grid(1, 132) == 1
+    assert plan.gemv_grid(128256, 132) == 132 * plan.GEMV_BLOCKS_PER_SM  # then rows stride
+    assert plan.gemv_smem(8, 8192) == 8 * 8192 * 2
+
+
+def test_gemm_tile_choice():
+    assert plan.gemm_tile(2048, 2048, 132).name == "gemm_128x128"  # 256 blocks
+    assert plan.gemm_tile(1024, 2048, 132).name == "gemm_64x128"  # 128x128 would give 128
+    assert plan.gemm_tile(16, 64, 132).name == "gemm_64x64"
+    t = plan.gemm_tile(130, 260, 1)
+    assert t.grid(130, 260) == (3, 2, 1)
+    assert plan.GEMM_TILES[0].smem == 3 * 256 * 40 * 2
+
+
+def test_attention_kernel_and_splits():
+    assert plan.attention_kernel(16) == "paged_attention_dl1"
+    assert plan.attention_kernel(64) == "paged_attention_dl2"
+    assert plan.attention_kernel(96) == "paged_attention_dl4"
+    assert plan.attention_kernel(256) == "paged_attention_dl8"
+    assert plan.attention_splits(512, 8, 512, 132, 32) == 1  # prefill: enough blocks already
+    assert plan.attention_splits(1, 8, 4096, 132, 32) == 32  # batch-1 decode, long context
+    assert plan.attention_splits(1, 8, 100, 132, 32) == 2  # >= 64 keys per split
+    assert plan.attention_splits(1, 1, 10**6, 132, 8) == 8  # partials buffer bound
+
+
+def test_input_layout_and_buckets():
+    lay = plan.InputLayout(tokens=5, seqs=2, rows=2, width=3)
+    spans = [(lay.ids, 5), (lay.positions, 5), (lay.slots, 5), (lay.tok_seq, 5),
+             (lay.out_rows, 2), (lay.block_tables, 6)]  # fmt: skip
+    end = 0
+    for start, n in spans:
+        assert start == end
+        end = start + n
+    assert lay.total == end
+    assert plan.bucket_for(3, (1, 2, 4, 8)) == 4
+    assert plan.bucket_for(9, (1, 2, 4, 8)) is None
+    assert plan.width_bucket(1, 512) == 16
+    assert plan.width_bucket(17, 512) == 32
+    assert plan.width_bucket(600, 512) == 512
+    c = config()
+    assert plan.kv_block_bytes(c, 16) == 2 * 2 * 16 * 2 * 16 * 2
+    assert plan.blocks_for_memory(plan.kv_block_bytes(c, 16) * 5 + 1, c, 16) == 5
