@@ -62,6 +62,22 @@ _GEMM_SIG = "PiPiiiiPiiP"
 _ATT_SIG = "PiPPPiPPPiPPPiiiif"
 
 
+# Threads in which a backend pushed the primary context (one push per thread). PyCUDA insists
+# that the main thread's context stack is empty at exit, so that push is popped at exit.
+_PUSHED: dict[int, Any] = {}
+
+
+def _pop_main_thread_context() -> None:
+    if _PUSHED.pop(threading.get_ident(), None) is not None:
+        import pycuda.driver as cuda
+
+        try:
+            cuda.Context.synchronize()
+            cuda.Context.pop()
+        except cuda.Error:
+            pass
+
+
 def fast_greedy(p: SamplingParams) -> bool:
     """Rows the fused device argmax serves alone (no penalty, no logprobs)."""
     return p.greedy and p.repetition_penalty == 1.0 and p.logprobs is None
@@ -110,9 +126,7 @@ class CudaBackend:
         cuda.init()
         dev = cuda.Device(device_index)
         self._ctx = dev.retain_primary_context()
-        self._ctx.push()
-        self._ctx_threads = {threading.get_ident()}
-        atexit.register(self._at_exit)
+        self._ensure_context()
         self.device_name = f"cuda:{device_index} ({dev.name()})"
         self.sm_count = dev.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
         self.kernels = load_kernels()
@@ -214,19 +228,15 @@ class CudaBackend:
         self._graphs = {}
 
     def _ensure_context(self) -> None:
+        """Make the device's primary context current in the calling thread (the engine thread
+        may differ from the one that built the backend); push it once per thread."""
         tid = threading.get_ident()
-        if tid not in self._ctx_threads:
-            self._ctx.push()
-            self._ctx_threads.add(tid)
-
-    def _at_exit(self) -> None:
-        try:
-            self.stream.synchronize()
-            self._graphs_clear()
-            if threading.get_ident() in self._ctx_threads:
-                self._cuda.Context.pop()
-        except Exception:
-            pass
+        if tid in _PUSHED:
+            return
+        self._ctx.push()
+        _PUSHED[tid] = self._ctx
+        if threading.current_thread() is threading.main_thread():
+            atexit.register(_pop_main_thread_context)
 
     # ------------------------------------------------------------------ public API
 
@@ -269,8 +279,8 @@ class CudaBackend:
         self._run_eager(batch, list(range(len(batch))))
         v = self.config.vocab_size
         host = np.empty((len(batch), v), np.float32)
-        self._cuda.memcpy_dtoh_async(host, self._logits, self.stream)
         self.stream.synchronize()
+        self._cuda.memcpy_dtoh(host, self._logits)
         return host
 
     def decode_logits_graph(self, batch: list[BatchItem]) -> np.ndarray:
@@ -283,12 +293,14 @@ class CudaBackend:
             raise ValueError("decode_logits_graph needs one token per item within the buckets")
         self._run_graph(batch, bucket)
         host = np.empty((len(batch), self.config.vocab_size), np.float32)
-        self._cuda.memcpy_dtoh_async(host, self._logits, self.stream)
         self.stream.synchronize()
+        self._cuda.memcpy_dtoh(host, self._logits)
         return host
 
     def close(self) -> None:
-        self._at_exit()
+        """Drop the captured graphs now (device memory goes with the object)."""
+        self.stream.synchronize()
+        self._graphs_clear()
 
     # ------------------------------------------------------------------ inputs
 
