@@ -271,11 +271,9 @@ class Engine:
                 outputs += self._finish_outputs(self.scheduler.fail(out), f"backend error: {exc}")
                 out.chunks = []
         if out.chunks:
+            sampled = [c.seq for c in out.chunks if c.samples]  # before update grows them
             self.scheduler.update(out, samples)
-            for chunk in out.chunks:
-                seq = chunk.seq
-                if chunk.samples:
-                    outputs.append(self._output(seq, [seq.output_ids[-1]]))
+            outputs += [self._output(seq, [seq.output_ids[-1]]) for seq in sampled]
         with self._lock:
             for chunk in out.chunks:
                 self._unscheduled.discard(chunk.seq.seq_id)

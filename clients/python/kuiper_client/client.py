@@ -1,0 +1,467 @@
+"""Typed Python clients for kuiper-serve: `KuiperClient` (blocking) and `AsyncKuiperClient`.
+
+Both stream Generate/Chat as `GenerateChunk`s, take a deadline per call (`timeout`, seconds),
+retry on UNAVAILABLE while no token has arrived yet (the server was starting, draining or
+briefly unreachable), and raise `KuiperError` (with the gRPC status code) otherwise.
+Encode/Decode go to the tokenizer service (`tokenizer_address`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from kuiper.v1 import inference_pb2 as ipb
+from kuiper.v1 import inference_pb2_grpc as igrpc
+from kuiper.v1 import tokenizer_pb2 as tpb
+from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
+
+DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_TOKENIZER_ADDRESS = "localhost:50052"
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+FINISH_NAMES = {
+    ipb.FINISH_REASON_LENGTH: "length",
+    ipb.FINISH_REASON_STOP: "stop",
+    ipb.FINISH_REASON_EOS: "eos",
+    ipb.FINISH_REASON_CANCELLED: "cancelled",
+}
+
+Message = Mapping[str, str] | tuple[str, str]
+
+
+class KuiperError(Exception):
+    """A failed call: `code` is the gRPC status code, the message says what to do."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> KuiperError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return cls(code, details or code.name)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    queue_time_s: float
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One streamed message: ids and text since the previous one; the last one carries
+    finish_reason ("length", "stop", "eos", "cancelled") and usage."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation, joined."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    architecture: str
+    vocab_size: int
+    context_length: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    dtype: str
+    device: str
+    kv_block_size: int
+    kv_blocks_total: int
+    max_batch_size: int
+
+
+def sampling_params(
+    max_new_tokens: int = 0,
+    temperature: float | None = None,
+    top_k: int = 0,
+    top_p: float | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+) -> ipb.SamplingParams:
+    """The proto SamplingParams; None leaves a field unset (the server default)."""
+    p = ipb.SamplingParams(
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        min_p=min_p,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    if temperature is not None:
+        p.temperature = temperature
+    if top_p is not None:
+        p.top_p = top_p
+    if repetition_penalty is not None:
+        p.repetition_penalty = repetition_penalty
+    if seed is not None:
+        p.seed = seed
+    if logprobs is not None:
+        p.logprobs = logprobs
+    return p
+
+
+def generate_request(
+    prompt: str | Sequence[int],
+    add_special_tokens: bool | None = None,
+    request_id: str = "",
+    **sampling,
+) -> ipb.GenerateRequest:
+    req = ipb.GenerateRequest(sampling=sampling_params(**sampling), request_id=request_id)
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(int(t) for t in prompt)
+    if add_special_tokens is not None:
+        req.add_special_tokens = add_special_tokens
+    return req
+
+
+def chat_request(messages: Sequence[Message], request_id: str = "", **sampling) -> ipb.ChatRequest:
+    msgs = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        msgs.append(tpb.ChatMessage(role=role, content=content))
+    return ipb.ChatRequest(
+        messages=msgs, sampling=sampling_params(**sampling), request_id=request_id
+    )
+
+
+def _chunk(resp: ipb.GenerateResponse) -> GenerateChunk:
+    usage = None
+    if resp.HasField("usage"):
+        u = resp.usage
+        usage = Usage(
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.time_to_first_token_s,
+            u.queue_time_s,
+            u.cached_prompt_tokens,
+        )
+    return GenerateChunk(
+        token_ids=list(resp.token_ids),
+        text=resp.text,
+        finish_reason=FINISH_NAMES.get(resp.finish_reason),
+        usage=usage,
+        logprobs=[
+            TokenLogprob(lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top])
+            for lp in resp.logprobs
+        ],
+    )
+
+
+def join_chunks(chunks: Sequence[GenerateChunk]) -> Completion:
+    ids = [t for c in chunks for t in c.token_ids]
+    last = chunks[-1] if chunks else None
+    return Completion(
+        ids,
+        "".join(c.text for c in chunks),
+        last.finish_reason if last else None,
+        last.usage if last else None,
+    )
+
+
+def _model_info(m: ipb.ModelInfo) -> ModelInfo:
+    return ModelInfo(**{f: getattr(m, f) for f in ModelInfo.__dataclass_fields__})
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class KuiperClient:
+    """Blocking client. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        tokenizer_address: str | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ):
+        self.address = address
+        self.tokenizer_address = tokenizer_address or DEFAULT_TOKENIZER_ADDRESS
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = igrpc.InferenceServiceStub(self._channel)
+        self._tok_channel: grpc.Channel | None = None
+
+    def __enter__(self) -> KuiperClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+        if self._tok_channel is not None:
+            self._tok_channel.close()
+
+    def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
+        if self._tok_channel is None:
+            self._tok_channel = grpc.insecure_channel(
+                self.tokenizer_address, options=CHANNEL_OPTIONS
+            )
+        return tgrpc.TokenizerServiceStub(self._tok_channel)
+
+    def _stream(self, method, request, timeout: float | None) -> Iterator[GenerateChunk]:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            call = method(request, timeout=_remaining(deadline))
+            received = False
+            try:
+                for resp in call:
+                    received = True
+                    yield _chunk(resp)
+                return
+            except grpc.RpcError as exc:
+                retry = (
+                    exc.code() == grpc.StatusCode.UNAVAILABLE
+                    and not received
+                    and attempt < self.retries
+                    and (deadline is None or time.monotonic() + delay < deadline)
+                )
+                if not retry:
+                    raise KuiperError.from_rpc(exc) from None
+                time.sleep(delay)
+                delay *= 2
+            finally:
+                call.cancel()  # no-op when done; stops the server's work when we stop early
+
+    def _unary(self, method, request, timeout: float | None):
+        timeout = self.timeout if timeout is None else timeout
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                raise KuiperError.from_rpc(exc) from None
+        raise AssertionError("unreachable")
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        add_special_tokens: bool | None = None,
+        request_id: str = "",
+        **sampling,
+    ) -> Iterator[GenerateChunk]:
+        """Stream a continuation of `prompt` (text, or token ids). Sampling keywords:
+        max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+        stop_token_ids, ignore_eos, logprobs."""
+        req = generate_request(prompt, add_special_tokens, request_id, **sampling)
+        return self._stream(self._stub.Generate, req, timeout)
+
+    def chat(
+        self, messages: Sequence[Message], *, timeout: float | None = None, **sampling
+    ) -> Iterator[GenerateChunk]:
+        """Stream the assistant's answer to `messages` ({"role", "content"} or (role, content))."""
+        return self._stream(self._stub.Chat, chat_request(messages, **sampling), timeout)
+
+    def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        """generate(), joined into one Completion."""
+        return join_chunks(list(self.generate(prompt, **kwargs)))
+
+    def model_info(self, timeout: float | None = None) -> ModelInfo:
+        return _model_info(self._unary(self._stub.GetModelInfo, ipb.GetModelInfoRequest(), timeout))
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        add_special_tokens: bool | None = None,
+        timeout: float | None = None,
+    ) -> list[list[int]]:
+        req = tpb.EncodeRequest(texts=list(texts))
+        if add_special_tokens is not None:
+            req.add_special_tokens = add_special_tokens
+        resp = self._unary(self._tokenizer().Encode, req, timeout)
+        return [list(r.ids) for r in resp.results]
+
+    def decode(
+        self,
+        sequences: Sequence[Sequence[int]],
+        skip_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> list[str]:
+        req = tpb.DecodeRequest(
+            sequences=[tpb.TokenIds(ids=list(s)) for s in sequences],
+            skip_special_tokens=skip_special_tokens,
+        )
+        return list(self._unary(self._tokenizer().Decode, req, timeout).texts)
+
+
+class AsyncKuiperClient:
+    """asyncio client (grpc.aio). Use `async with`, or await close()."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        tokenizer_address: str | None = None,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ):
+        self.address = address
+        self.tokenizer_address = tokenizer_address or DEFAULT_TOKENIZER_ADDRESS
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = igrpc.InferenceServiceStub(self._channel)
+        self._tok_channel: grpc.aio.Channel | None = None
+
+    async def __aenter__(self) -> AsyncKuiperClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+        if self._tok_channel is not None:
+            await self._tok_channel.close()
+
+    def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
+        if self._tok_channel is None:
+            self._tok_channel = grpc.aio.insecure_channel(
+                self.tokenizer_address, options=CHANNEL_OPTIONS
+            )
+        return tgrpc.TokenizerServiceStub(self._tok_channel)
+
+    async def _stream(self, method, request, timeout: float | None) -> AsyncIterator[GenerateChunk]:
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            call = method(request, timeout=_remaining(deadline))
+            received = False
+            try:
+                async for resp in call:
+                    received = True
+                    yield _chunk(resp)
+                return
+            except grpc.RpcError as exc:
+                retry = (
+                    exc.code() == grpc.StatusCode.UNAVAILABLE
+                    and not received
+                    and attempt < self.retries
+                    and (deadline is None or time.monotonic() + delay < deadline)
+                )
+                if not retry:
+                    raise KuiperError.from_rpc(exc) from None
+                await asyncio.sleep(delay)
+                delay *= 2
+            finally:
+                call.cancel()
+
+    async def _unary(self, method, request, timeout: float | None):
+        timeout = self.timeout if timeout is None else timeout
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(request, timeout=timeout)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                raise KuiperError.from_rpc(exc) from None
+        raise AssertionError("unreachable")
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        timeout: float | None = None,
+        add_special_tokens: bool | None = None,
+        request_id: str = "",
+        **sampling,
+    ) -> AsyncIterator[GenerateChunk]:
+        req = generate_request(prompt, add_special_tokens, request_id, **sampling)
+        return self._stream(self._stub.Generate, req, timeout)
+
+    def chat(
+        self, messages: Sequence[Message], *, timeout: float | None = None, **sampling
+    ) -> AsyncIterator[GenerateChunk]:
+        return self._stream(self._stub.Chat, chat_request(messages, **sampling), timeout)
+
+    async def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        return join_chunks([c async for c in self.generate(prompt, **kwargs)])
+
+    async def model_info(self, timeout: float | None = None) -> ModelInfo:
+        resp = await self._unary(self._stub.GetModelInfo, ipb.GetModelInfoRequest(), timeout)
+        return _model_info(resp)
+
+    async def encode(
+        self,
+        texts: Sequence[str],
+        add_special_tokens: bool | None = None,
+        timeout: float | None = None,
+    ) -> list[list[int]]:
+        req = tpb.EncodeRequest(texts=list(texts))
+        if add_special_tokens is not None:
+            req.add_special_tokens = add_special_tokens
+        resp = await self._unary(self._tokenizer().Encode, req, timeout)
+        return [list(r.ids) for r in resp.results]
+
+    async def decode(
+        self,
+        sequences: Sequence[Sequence[int]],
+        skip_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> list[str]:
+        req = tpb.DecodeRequest(
+            sequences=[tpb.TokenIds(ids=list(s)) for s in sequences],
+            skip_special_tokens=skip_special_tokens,
+        )
+        return list((await self._unary(self._tokenizer().Decode, req, timeout)).texts)

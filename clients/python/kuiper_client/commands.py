@@ -1,0 +1,131 @@
+"""Client-side CLI commands: `kuiper chat`, and the served path of `kuiper generate`
+(`generate_remote`, called by the generate command when --local is not given)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kuiper_client.client import DEFAULT_ADDRESS, GenerateChunk, KuiperClient, KuiperError
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 0) -> None:
+    """The sampling flags shared by generate and chat."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="tokens to generate at most (0: server default)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """Sampling keywords for KuiperClient from parsed flags (absent flags: server defaults)."""
+    return {
+        "max_new_tokens": getattr(args, "max_new_tokens", 0) or 0,
+        "temperature": getattr(args, "temperature", None),
+        "top_p": getattr(args, "top_p", None),
+        "top_k": getattr(args, "top_k", 0) or 0,
+        "min_p": getattr(args, "min_p", 0.0) or 0.0,
+        "repetition_penalty": getattr(args, "repetition_penalty", None),
+        "seed": getattr(args, "seed", None),
+        "stop": list(getattr(args, "stop", None) or []),
+        "ignore_eos": bool(getattr(args, "ignore_eos", False)),
+    }
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="multi-turn chat with a running inference service",
+        description="Each line on standard input is a user turn; the answer streams back and "
+        "the conversation history is kept. Works piped; ends at EOF (or /exit).",
+    )
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="inference service host:port")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--timeout", type=float, default=None, help="deadline per answer, seconds")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def _stream_to(out, chunks) -> list[GenerateChunk]:
+    seen = []
+    for chunk in chunks:
+        out.write(chunk.text)
+        out.flush()
+        seen.append(chunk)
+    return seen
+
+
+def generate_remote(args: argparse.Namespace) -> int:
+    """Stream the answer to args.prompt from the service at args.address; with --json print
+    one object {"token_ids", "text", "finish_reason", "usage"} at the end instead."""
+    address = getattr(args, "address", None) or DEFAULT_ADDRESS
+    as_json = bool(getattr(args, "json", False))
+    try:
+        with KuiperClient(address, timeout=getattr(args, "timeout", None)) as client:
+            chunks = client.generate(args.prompt, **sampling_kwargs(args))
+            if as_json:
+                seen = list(chunks)
+            else:
+                seen = _stream_to(sys.stdout, chunks)
+                sys.stdout.write("\n")
+    except KuiperError as exc:
+        print(f"kuiper generate: {exc}", file=sys.stderr)
+        return 1
+    if as_json:
+        last = seen[-1] if seen else None
+        usage = last.usage if last else None
+        print(
+            json.dumps(
+                {
+                    "token_ids": [t for c in seen for t in c.token_ids],
+                    "text": "".join(c.text for c in seen),
+                    "finish_reason": last.finish_reason if last else None,
+                    "usage": usage.__dict__ if usage else None,
+                }
+            )
+        )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty()
+    history: list[tuple[str, str]] = []
+    if args.system:
+        history.append(("system", args.system))
+    failures = 0
+    with KuiperClient(args.address, timeout=args.timeout) as client:
+        while True:
+            if interactive:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
+            turn = line.rstrip("\r\n")
+            if not turn.strip():
+                continue
+            if turn.strip() in ("/exit", "/quit"):
+                break
+            if not interactive:
+                sys.stdout.write(f"> {turn}\n")  # piped: keep the transcript readable
+            history.append(("user", turn))
+            try:
+                seen = _stream_to(sys.stdout, client.chat(history, **sampling_kwargs(args)))
+            except KuiperError as exc:
+                history.pop()  # the turn got no answer; let the user try again
+                failures += 1
+                print(f"\nkuiper chat: {exc}", file=sys.stderr)
+                continue
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            history.append(("assistant", "".join(c.text for c in seen)))
+    if interactive:
+        sys.stdout.write("\n")
+    return 1 if failures else 0

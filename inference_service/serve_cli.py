@@ -1,0 +1,290 @@
+"""`kuiper serve-inference` (the inference service alone, e.g. in Kubernetes) and `kuiper up`
+(tokenizer + inference services as two processes, for one machine)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+DEFAULT_TOKENIZER_PORT = 50052
+DEFAULT_METRICS_PORT = 9091
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--kv-memory",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="KV cache pool size in MiB (default: backend's choice)",
+    )
+    kv.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache pool size in blocks")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-batch-size", type=int, default=32, help="running sequences at most")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="queued requests at most; beyond: RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=512,
+        help="tokens per engine step (prefill chunks + decodes)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds running streams get to finish after SIGTERM",
+    )
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve-inference",
+        help="run the inference service (needs a tokenizer service)",
+        description="Serve kuiper.v1.InferenceService over gRPC. The tokenizer service is "
+        "reached at --tokenizer-address (env KUIPER_TOKENIZER_ADDRESS).",
+    )
+    _add_model_flags(p)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument(
+        "--tokenizer-address",
+        default=None,
+        help="host:port of the tokenizer service "
+        "(default: $KUIPER_TOKENIZER_ADDRESS or localhost:50052)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="Prometheus /metrics port (0: off)",
+    )
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_serve_inference)
+
+    u = subparsers.add_parser(
+        "up",
+        help="start the tokenizer and inference services together",
+        description="Start both services as separate processes, wait until both are "
+        "healthy, print where they listen, and serve until Ctrl-C / SIGTERM.",
+    )
+    _add_model_flags(u)
+    u.add_argument("--host", default="127.0.0.1", help="interface both services listen on")
+    u.add_argument("--port", type=int, default=DEFAULT_PORT, help="inference service port")
+    u.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT)
+    u.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="inference metrics port (0: off)",
+    )
+    u.add_argument(
+        "--demo",
+        metavar="PROMPT",
+        default=None,
+        help="once healthy, stream a generated answer for PROMPT",
+    )
+    u.add_argument("--demo-max-new-tokens", type=int, default=128)
+    u.add_argument(
+        "--exit-after-demo",
+        action="store_true",
+        help="stop both services after the demo instead of serving on",
+    )
+    u.add_argument("--startup-timeout", type=float, default=900.0)
+    _add_engine_flags(u)
+    u.set_defaults(func=cmd_up)
+
+
+def cmd_serve_inference(args: argparse.Namespace) -> int:
+    from inference_service.server import ServerConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = ServerConfig(
+        model=args.model,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        tokenizer_address=args.tokenizer_address,
+        metrics_port=args.metrics_port,
+        kv_memory_mb=args.kv_memory,
+        num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        max_batch_size=args.max_batch_size,
+        max_waiting=args.max_waiting,
+        max_num_batched_tokens=args.max_batched_tokens,
+        grace_s=args.grace,
+    )
+    try:
+        return asyncio.run(serve(cfg))
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
+        print(f"kuiper serve-inference: {exc}", file=sys.stderr)
+        return 1
+
+
+# ---- kuiper up ---------------------------------------------------------------------------
+def wait_healthy(address: str, proc: subprocess.Popen, timeout: float, service: str = "") -> None:
+    """Poll grpc.health.v1 until SERVING; raise if the process exits or time runs out."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"exited with code {proc.returncode} before becoming healthy")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not healthy after {timeout:.0f}s")
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _stop(procs: list[subprocess.Popen], timeout: float = 40.0) -> list[int]:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+def _run_demo(address: str, prompt: str, max_new_tokens: int) -> None:
+    from kuiper_client import KuiperClient
+
+    print(f"\n>>> {prompt}", flush=True)
+    with KuiperClient(address) as client:
+        sys.stdout.write(prompt)
+        final = None
+        for chunk in client.generate(
+            prompt, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=0
+        ):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            final = chunk
+    if final is not None and final.usage is not None:
+        u = final.usage
+        print(
+            f"\n[{u.completion_tokens} tokens, finish {final.finish_reason}, "
+            f"first token after {u.time_to_first_token_s * 1000:.0f} ms]",
+            flush=True,
+        )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from tokenizer_service.model_source import kuiper_home, resolve_model
+
+    try:
+        model = resolve_model(args.model)
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"kuiper up: {exc}", file=sys.stderr)
+        return 1
+    logs = kuiper_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    tok_addr = f"{args.host}:{args.tokenizer_port}"
+    inf_addr = f"{args.host}:{args.port}"
+    base = [sys.executable, "-m", "kuiper_client.cli"]
+    tok_cmd = base + ["serve-tokenizer", "--model", str(model), "--host", args.host,
+                      "--port", str(args.tokenizer_port)]  # fmt: skip
+    inf_cmd = base + [
+        "serve-inference", "--model", str(model), "--device", args.device, "--host", args.host,
+        "--port", str(args.port), "--tokenizer-address", tok_addr,
+        "--metrics-port", str(args.metrics_port), "--block-size", str(args.block_size),
+        "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting),
+        "--max-batched-tokens", str(args.max_batched_tokens), "--grace", str(args.grace),
+    ]  # fmt: skip
+    if args.kv_memory is not None:
+        inf_cmd += ["--kv-memory", str(args.kv_memory)]
+    if args.num_kv_blocks is not None:
+        inf_cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
+
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    procs: list[subprocess.Popen] = []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    started = {}
+    try:
+        for name, cmd, addr, service in (
+            ("tokenizer", tok_cmd, tok_addr, ""),
+            ("inference", inf_cmd, inf_addr, "kuiper.v1.InferenceService"),
+        ):
+            log_path = logs / f"{name}.log"
+            with open(log_path, "wb") as log_file:
+                # Own session: Ctrl-C reaches only us, and we stop the children in order.
+                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)  # fmt: skip
+            procs.append(proc)
+            started[name] = (proc, log_path)
+            print(f"starting {name} service (log: {log_path}) ...", flush=True)
+            try:
+                wait_healthy(addr, proc, args.startup_timeout, service)
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"kuiper up: {name} service {exc}\n{_log_tail(log_path)}", file=sys.stderr)
+                _stop(procs)
+                return 1
+        print(f"tokenizer service: {tok_addr}", flush=True)
+        print(f"inference service: {inf_addr}  (model {model})", flush=True)
+        if args.metrics_port:
+            print(f"metrics: http://{args.host}:{args.metrics_port}/metrics", flush=True)
+        print(f'try: kuiper generate --address {inf_addr} "Once upon a time"', flush=True)
+        if args.demo is not None:
+            _run_demo(inf_addr, args.demo, args.demo_max_new_tokens)
+        if not args.exit_after_demo:
+            print("serving; Ctrl-C to stop", flush=True)
+            while all(p.poll() is None for p in procs):
+                time.sleep(0.5)
+            for name, (proc, log_path) in started.items():
+                if proc.poll() is not None:
+                    print(f"kuiper up: {name} service exited ({proc.returncode}); stopping\n"
+                          f"{_log_tail(log_path)}", file=sys.stderr)  # fmt: skip
+            _stop(procs)
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print("stopping ...", flush=True)
+    # Inference first (it drains its streams, which still need the tokenizer).
+    codes = _stop(list(reversed(procs)))
+    print("stopped", flush=True)
+    return 0 if all(c == 0 for c in codes) else 1

@@ -1,0 +1,450 @@
+"""The inference service: grpc.aio InferenceService over the engine thread.
+
+Generate/Chat validate their input (INVALID_ARGUMENT), get prompt ids from the tokenizer
+service (UNAVAILABLE when it is down), queue the request in the engine (RESOURCE_EXHAUSTED
+when the waiting queue is full) and stream every step's ids and text as soon as the router
+hands them over. A client that cancels, disconnects or runs out of deadline stops its
+sequence at the next engine step. SIGTERM: health goes NOT_SERVING, new requests get
+UNAVAILABLE ("draining"), running streams finish within the grace period, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kuiper.v1 import inference_pb2 as ipb
+from kuiper.v1 import inference_pb2_grpc as igrpc
+
+from inference_service.engine.engine import (
+    AsyncEngine,
+    Engine,
+    EngineConfig,
+    EngineStoppedError,
+    QueueFullError,
+)
+from inference_service.engine.sampling_params import (
+    DEFAULT_MAX_NEW_TOKENS,
+    SampleOutput,
+    SamplingParams,
+)
+from inference_service.engine.sequence import FinishReason
+from inference_service.metrics import InferenceMetrics
+from inference_service.router import Delta, OutputRouter, RpcError
+from inference_service.tokenizer_client import (
+    TokenizerClient,
+    TokenizerRequestError,
+    TokenizerUnavailableError,
+)
+
+log = logging.getLogger("kuiper.inference")
+
+SERVICE_NAME = ipb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+FINISH_TO_PROTO = {
+    FinishReason.LENGTH: ipb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: ipb.FINISH_REASON_STOP,
+    FinishReason.EOS: ipb.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: ipb.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    source: str
+    dtype: str
+
+
+def _invalid(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def sampling_from_proto(p: ipb.SamplingParams, vocab_size: int) -> SamplingParams:
+    """The engine's SamplingParams, max_new_tokens still 0 when the client left it unset.
+    Raises RpcError(INVALID_ARGUMENT) with a readable message."""
+
+    def opt(name: str, default: float) -> float:
+        return getattr(p, name) if p.HasField(name) else default
+
+    try:
+        params = SamplingParams(
+            max_new_tokens=p.max_new_tokens or 1,  # placeholder; resolved against the prompt
+            temperature=opt("temperature", 1.0),
+            top_k=p.top_k,
+            top_p=opt("top_p", 1.0),
+            min_p=p.min_p,
+            repetition_penalty=opt("repetition_penalty", 1.0),
+            seed=p.seed if p.HasField("seed") else None,
+            stop=tuple(p.stop),
+            stop_token_ids=tuple(p.stop_token_ids),
+            ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs if p.HasField("logprobs") else None,
+        )
+        params.validate(vocab_size)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+    return params
+
+
+def _logprobs_proto(samples: list[SampleOutput]) -> list[ipb.TokenLogprob]:
+    return [
+        ipb.TokenLogprob(
+            token_id=s.token_id,
+            logprob=s.logprob if s.logprob is not None else math.nan,
+            top=[ipb.TopLogprob(token_id=t, logprob=lp) for t, lp in s.top_logprobs],
+        )
+        for s in samples
+    ]
+
+
+class InferenceServicer(igrpc.InferenceServiceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: TokenizerClient,
+        metrics: InferenceMetrics,
+        model: ModelDescription,
+    ):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.model = model
+        self.draining = False
+        self.router = OutputRouter(engine, tokenizer.decoder)
+        self.aengine: AsyncEngine | None = None
+        self.num_streams = 0
+
+    def start(self) -> None:
+        """Call on the serving event loop."""
+        loop = asyncio.get_running_loop()
+        self.aengine = AsyncEngine(self.engine, loop, on_step=self.router.on_step)
+        self.router.start()
+
+    # ---- RPCs ----------------------------------------------------------------------------
+    async def Generate(self, request: ipb.GenerateRequest, context) -> AsyncIterator:
+        async for resp in self._serve("Generate", context, self._generate_prompt(request)):
+            yield resp
+
+    async def Chat(self, request: ipb.ChatRequest, context) -> AsyncIterator:
+        async for resp in self._serve("Chat", context, self._chat_prompt(request)):
+            yield resp
+
+    async def GetModelInfo(self, request, context) -> ipb.ModelInfo:
+        c = self.engine.backend.config
+        self.metrics.requests.labels("GetModelInfo", "OK").inc()
+        return ipb.ModelInfo(
+            model=self.model.source,
+            architecture=c.architecture,
+            vocab_size=c.vocab_size,
+            context_length=self.engine.max_model_len,
+            num_layers=c.num_layers,
+            hidden_size=c.hidden_size,
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            dtype=self.model.dtype,
+            device=self.engine.backend.device_name,
+            kv_block_size=self.engine.block_manager.block_size,
+            kv_blocks_total=self.engine.num_blocks,
+            max_batch_size=self.engine.config.max_batch_size,
+        )
+
+    # ---- prompts -------------------------------------------------------------------------
+    async def _generate_prompt(self, request: ipb.GenerateRequest):
+        params = sampling_from_proto(request.sampling, self.engine.backend.config.vocab_size)
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            if not request.text:
+                raise _invalid("the prompt is empty: set text or token_ids")
+            add_special = (
+                request.add_special_tokens if request.HasField("add_special_tokens") else True
+            )
+            ids = await self.tokenizer.encode(request.text, add_special)
+        elif which == "token_ids":
+            ids = list(request.token_ids.ids)
+        else:
+            raise _invalid("the prompt is empty: set text or token_ids")
+        return ids, params, request.sampling.max_new_tokens
+
+    async def _chat_prompt(self, request: ipb.ChatRequest):
+        params = sampling_from_proto(request.sampling, self.engine.backend.config.vocab_size)
+        if not request.messages:
+            raise _invalid("messages is empty: send at least one message")
+        for i, m in enumerate(request.messages):
+            if m.role not in CHAT_ROLES:
+                raise _invalid(
+                    f"messages[{i}].role {m.role!r} is unknown (use one of {sorted(CHAT_ROLES)})"
+                )
+        _, ids = await self.tokenizer.apply_chat_template(
+            [(m.role, m.content) for m in request.messages]
+        )
+        return ids, params, request.sampling.max_new_tokens
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams, max_new: int) -> SamplingParams:
+        vocab = self.engine.backend.config.vocab_size
+        if not ids:
+            raise _invalid("the prompt is empty (it encodes to no tokens)")
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise _invalid(
+                f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"
+            )
+        ctx = self.engine.max_model_len
+        if max_new == 0:
+            max_new = min(DEFAULT_MAX_NEW_TOKENS, ctx - len(ids))
+            if max_new < 1:
+                raise _invalid(
+                    f"the prompt ({len(ids)} tokens) fills the context length ({ctx} tokens)"
+                )
+        elif len(ids) + max_new > ctx:
+            raise _invalid(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the "
+                f"context length ({ctx} tokens); shorten the prompt or ask for fewer tokens"
+            )
+        cap = self.engine.capacity_tokens
+        if len(ids) + max_new > cap:
+            raise _invalid(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the KV cache "
+                f"({cap} tokens); ask for fewer tokens or give the server more --kv-memory"
+            )
+        return SamplingParams(**{**params.__dict__, "max_new_tokens": max_new})
+
+    # ---- streaming -----------------------------------------------------------------------
+    async def _serve(self, method: str, context, prompt_coro) -> AsyncIterator:
+        code = "OK"
+        start = time.monotonic()
+        try:
+            if self.draining:
+                prompt_coro.close()
+                raise RpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is draining (shutting down); retry on another replica",
+                )
+            try:
+                ids, params, max_new = await prompt_coro
+            except TokenizerUnavailableError as exc:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            except TokenizerRequestError as exc:
+                raise RpcError(exc.code, f"tokenizer service: {exc}") from None
+            params = self._check_prompt(ids, params, max_new)
+            async for resp in self._stream(ids, params, start):
+                yield resp
+        except RpcError as exc:
+            code = exc.code.name
+            await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s failed", method)
+            raise
+        finally:
+            self.metrics.requests.labels(method, code).inc()
+
+    async def _stream(self, ids: list[int], params: SamplingParams, start: float) -> AsyncIterator:
+        assert self.aengine is not None
+        try:
+            handle = self.aengine.add_request(ids, params)
+        except QueueFullError as exc:
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        except EngineStoppedError as exc:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        rid = handle.request_id
+        live = self.router.register(rid, ids, params.stop)
+        self.metrics.prompt_tokens.inc(len(ids))
+        self.num_streams += 1
+        first: float | None = None
+        last_time = start
+        completion = 0
+        queue_time_seen = False
+        try:
+            while True:
+                delta: Delta = await live.queue.get()
+                if delta.error is not None:
+                    raise delta.error
+                now = time.monotonic()
+                out = delta.output
+                if out is not None and out.queue_time_s is not None and not queue_time_seen:
+                    queue_time_seen = True
+                    self.metrics.queue_time.observe(out.queue_time_s)
+                if delta.token_ids:
+                    if first is None:
+                        first = now
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        self.metrics.itl.observe(now - last_time)
+                    last_time = now
+                    completion += len(delta.token_ids)
+                    self.metrics.generation_tokens.inc(len(delta.token_ids))
+                resp = ipb.GenerateResponse(
+                    token_ids=delta.token_ids,
+                    text=delta.text,
+                    logprobs=_logprobs_proto(delta.logprobs) if params.logprobs is not None else [],
+                )
+                if delta.finish_reason is not None:
+                    resp.finish_reason = FINISH_TO_PROTO[delta.finish_reason]
+                    resp.usage.CopyFrom(
+                        ipb.Usage(
+                            prompt_tokens=len(ids),
+                            completion_tokens=completion,
+                            time_to_first_token_s=(first - start) if first is not None else 0.0,
+                            queue_time_s=(out.queue_time_s or 0.0) if out is not None else 0.0,
+                            cached_prompt_tokens=out.num_cached_prompt_tokens if out else 0,
+                        )
+                    )
+                    yield resp
+                    return
+                yield resp
+        finally:
+            self.num_streams -= 1
+            self.router.release(rid)
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None
+    device: str = "auto"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    tokenizer_address: str | None = None
+    metrics_port: int = 9091  # 0: no metrics endpoint
+    kv_memory_mb: float | None = None
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    max_batch_size: int = 32
+    max_waiting: int = 256
+    max_num_batched_tokens: int = 512
+    grace_s: float = 30.0
+    tokenizer_timeout_s: float = 5.0
+
+
+async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -> None:
+    """End-of-sequence ids come from the tokenizer (eos plus e.g. <|im_end|>); keep asking
+    until it answers, the model's own eos ids serve meanwhile."""
+    while True:
+        try:
+            info = await tokenizer.info(timeout_s=2.0)
+        except (TokenizerUnavailableError, TokenizerRequestError) as exc:
+            log.warning("tokenizer info not available yet: %s", exc)
+            await asyncio.sleep(1.0)
+            continue
+        ids = set(info.stop_ids) | set(engine.backend.config.eos_token_ids)
+        if info.eos_id is not None:
+            ids.add(info.eos_id)
+        engine.set_stop_ids(ids)
+        return
+
+
+def _build_engine(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
+    from inference_service.backends import create_backend
+    from inference_service.models import load_model
+    from tokenizer_service.model_source import resolve_model
+
+    path = resolve_model(cfg.model)
+    model = load_model(path)
+    kv_bytes = int(cfg.kv_memory_mb * 2**20) if cfg.kv_memory_mb is not None else None
+    backend = create_backend(
+        model,
+        device=cfg.device,
+        num_blocks=cfg.num_kv_blocks,
+        block_size=cfg.block_size,
+        kv_memory_bytes=kv_bytes,
+    )
+    engine = Engine(
+        backend,
+        EngineConfig(
+            max_batch_size=cfg.max_batch_size,
+            max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_batch_size),
+            max_waiting=cfg.max_waiting,
+        ),
+    )
+    return engine, ModelDescription(source=str(path), dtype=model.dtype)
+
+
+async def serve(cfg: ServerConfig) -> int:
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else None
+    if health_servicer is None:  # pragma: no cover - older grpcio-health-checking
+        health_servicer = health.HealthServicer()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    engine, model = await asyncio.to_thread(_build_engine, cfg)
+    engine.start()
+    tokenizer = TokenizerClient(cfg.tokenizer_address, timeout_s=cfg.tokenizer_timeout_s)
+    metrics = InferenceMetrics()
+    metrics.kv_total.set(engine.num_blocks)
+    engine.add_stats_listener(metrics.on_step)
+    servicer = InferenceServicer(engine, tokenizer, metrics, model)
+    servicer.start()
+    igrpc.add_InferenceServiceServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
+    await server.start()
+    if cfg.metrics_port:
+        metrics.serve(cfg.metrics_port)
+
+    # Warm up: one tiny generation, so the first client does not pay for lazy setup.
+    warm_prompt = [engine.backend.config.bos_token_id or 0]
+    await asyncio.to_thread(
+        engine.generate, [warm_prompt], SamplingParams(max_new_tokens=2, temperature=0.0), 600
+    )
+    stop_ids_task = asyncio.create_task(_stop_ids_from_tokenizer(engine, tokenizer))
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(
+        f"inference service: {model.source} on {engine.backend.device_name}, "
+        f"{engine.num_blocks} KV blocks x {engine.block_manager.block_size} tokens; "
+        f"listening on {cfg.host}:{bound}"
+        + (f", metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port else "")
+        + f", tokenizer at {tokenizer.address}",
+        flush=True,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    print(
+        f"draining: finishing {servicer.num_streams} stream(s) (grace {cfg.grace_s:g}s)", flush=True
+    )
+    servicer.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    deadline = time.monotonic() + cfg.grace_s
+    while servicer.num_streams and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(max(0.0, deadline - time.monotonic()))
+    stop_ids_task.cancel()
+    await servicer.router.stop()
+    await asyncio.to_thread(engine.stop)
+    with contextlib.suppress(Exception):
+        await tokenizer.close()
+    print("inference service stopped", flush=True)
+    return 0

@@ -1,0 +1,185 @@
+"""The inference service's side of the tokenizer service: gRPC only.
+
+Unary calls (Encode, ApplyChatTemplate, GetTokenizerInfo) carry deadlines and retry on
+UNAVAILABLE with backoff. Incremental text comes from one long-lived, multiplexed DecodeStream
+per process (`DecodeStreamMux`): one request message per engine step carries the new ids of
+every running sequence. When the tokenizer goes away, calls raise TokenizerUnavailableError
+(the server answers UNAVAILABLE); the channel reconnects by itself once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from kuiper.v1 import tokenizer_pb2 as tpb
+from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
+
+ADDRESS_ENV = "KUIPER_TOKENIZER_ADDRESS"
+DEFAULT_ADDRESS = "localhost:50052"
+
+# Reconnect quickly after the tokenizer restarts (gRPC's default backoff grows to minutes).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def default_address() -> str:
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+class TokenizerUnavailableError(Exception):
+    """The tokenizer service cannot be reached (down, restarting, or too slow)."""
+
+
+class TokenizerRequestError(Exception):
+    """The tokenizer service rejected a request (e.g. INVALID_ARGUMENT)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    stop_ids: tuple[int, ...]
+    has_chat_template: bool
+
+
+class TokenizerClient:
+    def __init__(
+        self,
+        address: str | None = None,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        backoff_s: float = 0.1,
+    ):
+        self.address = address or default_address()
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.stub = tgrpc.TokenizerServiceStub(self.channel)
+        self.decoder = DecodeStreamMux(self)
+
+    def unavailable(self, detail: str) -> TokenizerUnavailableError:
+        return TokenizerUnavailableError(
+            f"tokenizer service at {self.address} is unavailable ({detail}); "
+            "start it with `kuiper serve-tokenizer` or check --tokenizer-address"
+        )
+
+    async def _call(self, method, request, timeout_s: float | None = None):
+        delay = self.backoff_s
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(request, timeout=timeout_s or self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                    continue
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise self.unavailable(f"{code.name}: {exc.details()}") from None
+                raise TokenizerRequestError(code, exc.details() or code.name) from None
+        raise AssertionError("unreachable")
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        req = tpb.EncodeRequest(texts=[text], add_special_tokens=add_special_tokens)
+        resp = await self._call(self.stub.Encode, req)
+        return list(resp.results[0].ids)
+
+    async def apply_chat_template(
+        self, messages: Sequence[tuple[str, str]]
+    ) -> tuple[str, list[int]]:
+        req = tpb.ChatTemplateRequest(
+            messages=[tpb.ChatMessage(role=r, content=c) for r, c in messages],
+            add_generation_prompt=True,
+        )
+        resp = await self._call(self.stub.ApplyChatTemplate, req)
+        return resp.text, list(resp.ids)
+
+    async def info(self, timeout_s: float | None = None) -> TokenizerInfo:
+        resp = await self._call(
+            self.stub.GetTokenizerInfo, tpb.GetTokenizerInfoRequest(), timeout_s
+        )
+        return TokenizerInfo(
+            vocab_size=resp.vocab_size,
+            bos_id=resp.bos_id if resp.HasField("bos_id") else None,
+            eos_id=resp.eos_id if resp.HasField("eos_id") else None,
+            stop_ids=tuple(resp.stop_ids),
+            has_chat_template=resp.has_chat_template,
+        )
+
+    async def close(self) -> None:
+        await self.decoder.close()
+        await self.channel.close()
+
+
+class DecodeStreamMux:
+    """One DecodeStream shared by every sequence of this process, in lockstep: one request,
+    then its response. A failed stream is dropped (the tokenizer's per-sequence state went
+    with it) and a new one opens on the next call; `epoch` tells callers it happened."""
+
+    def __init__(self, client: TokenizerClient):
+        self.client = client
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._lock = asyncio.Lock()
+        self.epoch = 0  # bumped whenever the stream is replaced
+        self.messages_sent = 0
+
+    async def _reset(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+            self.epoch += 1
+
+    async def decode(self, sequences: list[tpb.SequenceIds]) -> list[str]:
+        """Send one message with these sequences' new ids; return their text deltas."""
+        if not sequences:
+            return []
+        async with self._lock:
+            if self._call is None:
+                self._call = self.client.stub.DecodeStream()
+            call = self._call
+            try:
+                async with asyncio.timeout(self.client.timeout_s):
+                    await call.write(tpb.DecodeStreamRequest(sequences=sequences))
+                    resp = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                await self._reset()
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise self.client.unavailable(f"DecodeStream: {exc.details()}") from None
+                raise TokenizerRequestError(exc.code(), exc.details() or "") from None
+            except (TimeoutError, asyncio.InvalidStateError) as exc:
+                await self._reset()
+                raise self.client.unavailable(f"DecodeStream: {type(exc).__name__}") from None
+            if resp is grpc.aio.EOF:
+                await self._reset()
+                raise self.client.unavailable("DecodeStream closed by the tokenizer service")
+            self.messages_sent += 1
+            if len(resp.deltas) != len(sequences):
+                raise TokenizerRequestError(
+                    grpc.StatusCode.INTERNAL,
+                    f"DecodeStream answered {len(resp.deltas)} deltas for {len(sequences)} sequences",
+                )
+            return [d.text for d in resp.deltas]
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._call is not None:
+                with contextlib.suppress(Exception):  # a broken stream has nothing to close
+                    await self._call.done_writing()
+                self._call.cancel()
+                self._call = None
