@@ -1,0 +1,108 @@
+"""A tiny model folder (random Llama + trained BPE tokenizer.json) and helpers to run the
+tokenizer + inference services on loopback as subprocesses, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from servers import ServerProcess, free_port, kuiper_command, start_server
+
+INFERENCE_SERVICE = "kuiper.v1.InferenceService"
+
+
+def build_tiny_model(folder: Path, context: int = 2048) -> Path:
+    """HF folder: byte-level BPE tokenizer (ChatML template) + a random Llama sized to it."""
+    import torch
+    from tokenizer_models import build_hf_bpe
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_hf_bpe(folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.token_to_id("<|im_start|>"),
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)  # spread logits: no near-ties for greedy
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-served-model"))
+
+
+@dataclass
+class Stack:
+    tokenizer: ServerProcess
+    inference: ServerProcess
+    metrics_port: int
+    model: Path
+
+    @property
+    def address(self) -> str:
+        return self.inference.address
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples of the inference service's /metrics, by name."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+
+def start_tokenizer(model: Path, port: int | None = None) -> ServerProcess:
+    port = port or free_port()
+    return start_server(
+        kuiper_command("serve-tokenizer", "--model", str(model), "--port", str(port),
+                       "--metrics-port", "-1"),
+        port,
+        wait=False,
+    )  # fmt: skip
+
+
+@contextmanager
+def run_stack(model: Path, *extra: str):
+    tok = start_tokenizer(model)
+    port, metrics_port = free_port(), free_port()
+    inf = start_server(
+        kuiper_command(
+            "serve-inference", "--model", str(model), "--device", "cpu", "--host", "127.0.0.1",
+            "--port", str(port), "--tokenizer-address", tok.address,
+            "--metrics-port", str(metrics_port), "--grace", "20", *extra,
+        ),
+        port,
+        wait=False,
+    )  # fmt: skip
+    try:
+        tok.wait_ready(60)
+        inf.wait_ready(120, INFERENCE_SERVICE)
+        yield Stack(tok, inf, metrics_port, model)
+    finally:
+        inf.kill()
+        tok.kill()
