@@ -1,0 +1,110 @@
+"""`kuiper generate`: in-process with --local, else through a running inference service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from inference_service.engine.sampling_params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+
+DEFAULT_ADDRESS = "localhost:50051"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate a continuation of PROMPT (served, or in-process with --local)",
+        description="Stream the continuation of PROMPT to the terminal. With --local the model "
+        "runs in this process (no servers); otherwise a running inference service is asked.",
+    )
+    p.add_argument("prompt", metavar="PROMPT", help="prompt text ('-' reads standard input)")
+    p.add_argument("--local", action="store_true", help="run the model in this process")
+    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="--local: where to run (auto: cuda if present, else cpu)")  # fmt: skip
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="inference service host:port")
+    p.add_argument("--timeout", type=float, default=None, help="served: deadline in seconds")
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help=f"tokens to generate at most (0: default, {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="default 1.0 (off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default 1.0 (off)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with token_ids and text at the end")  # fmt: skip
+    p.set_defaults(func=cmd_generate)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+    if not args.local:
+        try:
+            from kuiper_client.commands import generate_remote
+        except ImportError as exc:
+            print(f"kuiper generate: the served path is unavailable ({exc}); "
+                  "use --local", file=sys.stderr)  # fmt: skip
+            return 2
+        return int(generate_remote(args) or 0)
+    return generate_local(args)
+
+
+def generate_local(args: argparse.Namespace) -> int:
+    from inference_service.llm import LLM
+    from inference_service.models.config import ModelLoadError
+
+    try:
+        params = sampling_params(args)
+        params.validate()
+    except ValueError as exc:
+        return _fail(f"bad parameter: {exc}")
+    try:
+        llm = LLM(args.model, device=args.device)
+    except (ModelLoadError, FileNotFoundError, RuntimeError, ImportError) as exc:
+        return _fail(f"cannot load the model: {exc}")
+    try:
+        chunks = llm.generate(args.prompt, params)
+        token_ids: list[int] = []
+        texts: list[str] = []
+        finish = None
+        for chunk in chunks:
+            token_ids.append(chunk.token_id)
+            texts.append(chunk.text)
+            finish = chunk.finish_reason
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except ValueError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        finish = "cancelled"
+    if args.json:
+        out = {"token_ids": token_ids, "text": "".join(texts), "finish_reason": finish}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"kuiper generate: {' '.join(message.split())}", file=sys.stderr)
+    return 2

@@ -1,0 +1,176 @@
+"""The in-process generate API and `kuiper generate --local`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from kuiper_client.cli import main as kuiper_main
+from models_util import build_llama2, hf_greedy
+
+import inference_service.llm as llm_module
+from inference_service.engine.sampling_params import SamplingParams
+from inference_service.llm import LLM
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder, hf = build_llama2(tmp_path_factory.mktemp("llm") / "m")
+    return LLM(folder, device="cpu"), hf
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    return LLM(smollm2_gguf, device="cpu")
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 256, n).tolist()
+
+
+def test_greedy_ids_match_transformers(tiny):
+    llm, hf = tiny
+    ids = prompt(0, 12)
+    assert llm.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
+
+
+def test_long_prompt_is_prefilled_in_chunks(tiny, monkeypatch):
+    llm, hf = tiny
+    monkeypatch.setattr(llm_module, "PREFILL_CHUNK", 7)
+    ids = prompt(1, 40)
+    assert llm.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
+
+
+def test_eos_and_stop_token_ids(tiny):
+    llm, hf = tiny
+    ids = prompt(2, 10)
+    free = hf_greedy(hf, ids, 24)
+    # A stop id: the first token of the free run that repeats later, so it is not trivial.
+    stop_at = free[5]
+    first = free.index(stop_at)
+    chunks = list(
+        llm.generate(
+            ids, SamplingParams(temperature=0, max_new_tokens=24, stop_token_ids=(stop_at,))
+        )
+    )
+    assert [c.token_id for c in chunks] == free[: first + 1]
+    assert chunks[-1].finish_reason == "stop"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    # EOS: treat that same id as the model's end-of-sequence.
+    llm.eos_ids = frozenset({stop_at})
+    try:
+        chunks = list(llm.generate(ids, SamplingParams(temperature=0, max_new_tokens=24)))
+        assert chunks[-1].finish_reason == "eos" and len(chunks) == first + 1
+        ignored = llm.generate_ids(ids, GREEDY)
+        assert ignored == free  # ignore_eos runs to max_new_tokens
+    finally:
+        llm.eos_ids = frozenset(llm.model.config.eos_token_ids)
+    last = list(llm.generate(ids, GREEDY))[-1]
+    assert last.finish_reason == "length"
+
+
+def test_seeded_sampling_reproduces(tiny):
+    llm, _ = tiny
+    ids = prompt(3, 8)
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=42, max_new_tokens=16, ignore_eos=True)
+    a = llm.generate_ids(ids, p)
+    assert a == llm.generate_ids(ids, p)
+    other = SamplingParams(temperature=1.0, top_p=0.95, seed=43, max_new_tokens=16, ignore_eos=True)
+    assert llm.generate_ids(ids, other) != a
+
+
+def test_bad_requests(tiny):
+    llm, _ = tiny
+    with pytest.raises(ValueError, match="no tokenizer"):
+        list(llm.generate("text needs a tokenizer", GREEDY))
+    with pytest.raises(ValueError, match="context"):
+        llm.generate(prompt(4, llm.max_context), GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([1, 999], GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate([1, 2], SamplingParams(temperature=-1))
+
+
+@pytest.mark.slow
+def test_chat_answer_is_sensible(smol):
+    chunks = list(
+        smol.chat(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            SamplingParams(temperature=0.0, max_new_tokens=48),
+        )
+    )
+    text = "".join(c.text for c in chunks)
+    assert "Paris" in text
+    assert chunks[-1].finish_reason == "eos"  # the model ends its turn by itself
+    # Streamed deltas add up to the tokenizer's decode of the ids (special tokens skipped).
+    ids = [c.token_id for c in chunks]
+    assert text == smol.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_stop_string_is_cut_from_the_text(smol):
+    p = SamplingParams(temperature=0.0, max_new_tokens=48, stop=("Paris",))
+    chunks = list(smol.chat([{"role": "user", "content": "What is the capital of France?"}], p))
+    text = "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == "stop"
+    assert "Paris" not in text and "capital" in text
+
+
+@pytest.mark.slow
+def test_cli_local_json(smol, smollm2_gguf, capsys):
+    argv = ["generate", "--local", "--model", str(smollm2_gguf), "--device", "cpu", "--json",
+            "--temperature", "0", "--max-new-tokens", "12", "The capital of France is"]  # fmt: skip
+    assert kuiper_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = smol.generate_ids(smol.tokenizer.encode("The capital of France is"),
+                                 SamplingParams(temperature=0, max_new_tokens=12))  # fmt: skip
+    assert out["token_ids"] == expected
+    assert out["text"] == smol.tokenizer.decode(expected, skip_special_tokens=True)
+    assert out["finish_reason"] in ("length", "eos")
+
+
+@pytest.mark.slow
+def test_cli_local_streams_text(smollm2_gguf, capsys):
+    argv = ["generate", "--local", "--model", str(smollm2_gguf), "--device", "cpu",
+            "--temperature", "0", "--max-new-tokens", "8", "--stop", "\n",
+            "The capital of France is"]  # fmt: skip
+    assert kuiper_main(argv) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_cli_bad_model_is_one_clear_line(tmp_path, subprocess_env):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 10)  # header cut short
+    for model in (bad, tmp_path / "missing.gguf"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kuiper_client.cli",
+                "generate",
+                "--local",
+                "--model",
+                str(model),
+                "--device",
+                "cpu",
+                "hi",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=subprocess_env,
+            timeout=120,
+        )
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(model.name) in lines[0], proc.stderr
+
+
+def test_cli_bad_parameter(tmp_path, capsys):
+    assert kuiper_main(["generate", "--local", "--top-p", "0", "hi"]) == 2
+    assert "top_p" in capsys.readouterr().err
