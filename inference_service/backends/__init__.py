@@ -49,16 +49,16 @@ def create_backend(
                 )
         return NumpyBackend(model, num_blocks=num_blocks, block_size=block_size)
     if device == "cuda" or device.startswith("cuda:"):
-        from inference_service.backends import cuda_backend
+        from inference_service.backends.cuda_backend import CudaBackend
 
-        if num_blocks is None and kv_memory_bytes is not None:
-            per_block_fn = getattr(cuda_backend, "kv_bytes_per_block", None)
-            if per_block_fn is None:
-                from inference_service.backends.numpy_backend import kv_bytes_per_block
-
-                per_block_fn = kv_bytes_per_block
-            num_blocks = kv_memory_bytes // per_block_fn(model.config, block_size)
-        return cuda_backend.CudaBackend(model, num_blocks=num_blocks, block_size=block_size)
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return CudaBackend(
+            model,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            kv_memory_bytes=kv_memory_bytes,
+            device_index=index,
+        )
     raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)")
 
 
