@@ -22,8 +22,9 @@ const LOADER_OPTIONS = {
 };
 
 /**
- * Where the .proto files live: an explicit dir, $KUIPER_PROTO_DIR, a copy bundled in the
- * package (`protos/` next to `src/`), or the repository's top-level `protos/` folder.
+ * Where the .proto files live: an explicit dir, $KUIPER_PROTO_DIR, the repository's top-level
+ * `protos/` folder (when the package sits in the kuiper-serve repo), or the copy `npm pack`
+ * bundles into the package (`protos/` next to `src/`).
  * @param {string} [protoDir]
  * @returns {string}
  */
@@ -32,8 +33,8 @@ function findProtoDir(protoDir) {
     ? [protoDir]
     : [
         process.env.KUIPER_PROTO_DIR,
-        path.resolve(__dirname, '..', 'protos'),
         path.resolve(__dirname, '..', '..', '..', 'protos'),
+        path.resolve(__dirname, '..', 'protos'),
       ].filter(Boolean);
   for (const dir of candidates) {
     if (fs.existsSync(path.join(dir, PROTO_FILES[0]))) return path.resolve(dir);
