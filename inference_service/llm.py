@@ -6,6 +6,7 @@ One sequence at a time over the chosen backend (the serving engine does the batc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class LLM:
         self.backend: Backend = create_backend(
             self.model, device, num_blocks=num_blocks, block_size=block_size
         )
+        # The backend holds its own (fused, fp32 or device) copy of the weights; drop ours
+        # so the process does not keep two.
+        self.model = dataclasses.replace(self.model, weights={})
         self._table = list(range(num_blocks))
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None:

@@ -128,6 +128,32 @@ def llama_cpp_permute(w: Any, n_head: int) -> Any:
     )
 
 
+def llama_cpp_rope_factors(cfg: Any) -> Any:
+    """llama.cpp's converter turns llama3 rope scaling into per-frequency divisors
+    (the `rope_freqs.weight` tensor); this is its formula."""
+    import math
+
+    import numpy as np
+
+    rope = cfg.rope_parameters
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old_ctx = rope["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 _GGUF_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -164,6 +190,9 @@ def write_gguf(hf_model: Any, path: Path, qtype: str = "F32", arch: str | None =
     w.add_vocab_size(cfg.vocab_size)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(cfg))
     qt = gguf.GGMLQuantizationType[qtype]
     for name, tensor in hf_model.state_dict().items():
         arr = tensor.detach().float().numpy()

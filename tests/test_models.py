@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from models_util import build_llama2, build_qwen2, hf_logits, write_gguf
+from models_util import build_llama2, build_llama3, build_qwen2, hf_logits, write_gguf
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.numpy_backend import NumpyBackend
@@ -19,6 +19,11 @@ from inference_service.models import ModelLoadError, load_model
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return build_llama2(tmp_path_factory.mktemp("llama") / "m")
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    return build_llama3(tmp_path_factory.mktemp("llama3") / "m")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +82,7 @@ def test_bf16_folder_is_widened_exactly(qwen, tmp_path):
         np.testing.assert_array_equal(arr, ref[name].float().numpy(), err_msg=name)
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen"])
+@pytest.mark.parametrize("which", ["llama", "llama3", "qwen"])
 def test_gguf_f32_matches_transformers(which, request, tmp_path):
     """A GGUF written as llama.cpp's converter writes it (Q/K permuted for llama) loads
     back to logits equal to the HF model's."""
@@ -86,6 +91,8 @@ def test_gguf_f32_matches_transformers(which, request, tmp_path):
     model = load_model(path)
     assert model.config.architecture == hf.config.model_type
     assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    # Llama 3.x GGUFs carry llama3 rope scaling as per-frequency factors (rope_freqs.weight).
+    assert (model.config.rope_freq_factors is not None) == (which == "llama3")
     assert rel_err(our_logits(model, IDS), hf_logits(hf, IDS)[-1]) < 1e-4
 
 
