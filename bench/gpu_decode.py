@@ -125,11 +125,15 @@ class Result:
     decode_tok_s: float
     decode_pct_roofline: float
     decode_step_us: float
+    graph_replay_us: float
     eager_decode_tok_s: float
     prefill512_tok_s: float
     hf_decode_tok_s: float
     hf_prefill512_tok_s: float
     first_tokens_agree_with_hf: int
+    profile_decode: list
+    profile_prefill512: list
+    gemm_vs_torch: list
 
 
 def run_decode(backend, prompt: list[int], steps: int, table: list[int]) -> tuple[list[int], float]:
@@ -174,6 +178,10 @@ def bench_model(key: str, steps: int, bw: float) -> Result:
     backend.use_graphs = True
     eager = 32 / te
 
+    last = BatchItem(0, np.array([toks[-1]], np.int32), len(prompt) + steps, table, GREEDY)
+    graph_us = backend.time_decode_graph([last])
+    prof_decode = summarize(backend.profile_step([last]))
+
     long_prompt = rng.integers(0, cfg.vocab_size, 512).tolist()
     ptimes = []
     for i in range(6):
@@ -183,6 +191,9 @@ def bench_model(key: str, steps: int, bw: float) -> Result:
         if i:
             ptimes.append(time.perf_counter() - t0)
     prefill = 512 / statistics.median(ptimes)
+    item = BatchItem(1, np.array(long_prompt, np.int32), 0, list(range(64, 96)), GREEDY)
+    prof_prefill = summarize(backend.profile_step([item]))
+    gemms = gemm_vs_torch(cfg, prof_prefill, 512)
 
     # HF transformers bf16, same GPU, same weights.
     ids = torch.tensor([prompt], device="cuda")
@@ -219,71 +230,55 @@ def bench_model(key: str, steps: int, bw: float) -> Result:
     return Result(
         model=s["name"], weight_mb=wbytes / 1e6, roofline_tok_s=roofline, decode_tok_s=decode,
         decode_pct_roofline=100 * decode / roofline, decode_step_us=1e6 / decode,
+        graph_replay_us=graph_us, profile_decode=prof_decode, profile_prefill512=prof_prefill,
+        gemm_vs_torch=gemms,
         eager_decode_tok_s=eager, prefill512_tok_s=prefill, hf_decode_tok_s=hf_decode,
         hf_prefill512_tok_s=hf_prefill, first_tokens_agree_with_hf=agree,
     )  # fmt: skip
 
 
-def gemv_profile(key: str, bw: float) -> list[dict]:
-    """Achieved bandwidth of each decode GEMV of the shape (layer 0 weights, batch 1), timed as
-    50 launches captured in one CUDA graph: where the decode step's time goes."""
-    import pycuda.driver as cuda
+def gemm_vs_torch(cfg: ModelConfig, prof: list[dict], m: int) -> list[dict]:
+    """Our prefill GEMMs (mean per layer, from the profile) next to torch.matmul (cuBLAS) on the
+    same shapes, same GPU, random bf16 operands."""
+    import torch
 
-    from inference_service.backends.cuda_backend import CudaBackend
-    from inference_service.backends.cuda_graphs import capture
-
-    s = SHAPES[key]
-    cfg = model_config(s)
-    from inference_service.models.weights import expected_shapes
-
-    rng = np.random.default_rng(0)
-    w = {
-        k: (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
-        if len(shape) == 1 or shape[0] * shape[1] < 1 << 24
-        else np.full(shape, 0x3C00, np.uint16) ^ rng.integers(0, 255, shape, dtype=np.uint16)
-        for k, shape in expected_shapes(cfg).items()
-    }
-    b = CudaBackend(LoadedModel(cfg, w, "random", "bf16"), num_blocks=64, block_size=16)
     hid, inter = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     qd = cfg.num_heads * cfg.head_dim
-    ws = b._ws
-    resid, act, attn, qkvb = int(ws.resid), int(ws.act), int(ws.attn), int(ws.qkv)
-    cases = {
-        "qkv (+norm)": (lambda: b._gemv(1, b.w["L0.wqkv"], qkv, hid, resid, 1, hid, 0,
-                                        b.w["L0.attn_norm"], qkvb, 0, qkv), qkv * hid),
-        "o_proj (+resid)": (lambda: b._gemv(1, b.w["L0.wo"], hid, qd, attn, 0, qd, 0, 0, resid,
-                                            1, hid), hid * qd),
-        "gate_up+SwiGLU": (lambda: b._gemv(1, b.w["L0.wgu"], inter, hid, resid, 1, hid, 0,
-                                           b.w["L0.mlp_norm"], act, 0, inter, pair=True),
-                           2 * inter * hid),
-        "down (+resid)": (lambda: b._gemv(1, b.w["L0.wd"], hid, inter, act, 0, inter, 0, 0,
-                                          resid, 1, hid), hid * inter),
-        "lm_head+argmax": (lambda: b._gemv(1, b.w["lm_head"], cfg.vocab_size, hid, resid, 1, hid,
-                                           0, b.w["final_norm"], int(b._logits), 2,
-                                           cfg.vocab_size, 0, int(b._argmax)),
-                           cfg.vocab_size * hid),
-    }  # fmt: skip
-    rows = []
-    reps = 50
-    for name, (fn, elems) in cases.items():
-        g = capture(b.stream.handle, lambda fn=fn: [fn() for _ in range(reps)])
-        g.launch(b.stream.handle)
-        b.stream.synchronize()
+    shapes = {"gemm qkv": (qkv, hid), "gemm o_proj": (hid, qd), "gemm gate_up": (2 * inter, hid),
+              "gemm down": (hid, inter)}  # fmt: skip
+    ours = {p["kernel"]: p["mean_us"] for p in prof}
+    out = []
+    for name, (n, k) in shapes.items():
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ w.T
         times = []
-        for _ in range(5):
-            start, end = cuda.Event(), cuda.Event()
-            start.record(b.stream)
-            g.launch(b.stream.handle)
-            end.record(b.stream)
-            end.synchronize()
-            times.append(end.time_since(start) / 1e3 / reps)
-        t = statistics.median(times)
-        rows.append(dict(model=s["name"], kernel=name, mb=2 * elems / 1e6, us=t * 1e6,
-                         gb_s=2 * elems / t / 1e9, pct_copy_bw=100 * 2 * elems / t / bw))  # fmt: skip
-        g.close()
-    b.close()
-    return rows
+        for _ in range(20):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            a @ w.T
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) * 1e3)
+        t_torch = statistics.median(times)
+        flop = 2 * m * n * k
+        t_ours = ours.get(name, float("nan"))
+        out.append(dict(gemm=name, m=m, n=n, k=k, ours_us=t_ours, torch_us=t_torch,
+                        ours_tflops=flop / t_ours / 1e6, torch_tflops=flop / t_torch / 1e6))  # fmt: skip
+    return out
+
+
+def summarize(profile: list[tuple[str, float]]) -> list[dict]:
+    """Per-label launch count and total microseconds, largest first."""
+    agg: dict[str, list[float]] = {}
+    for label, us in profile:
+        agg.setdefault(label, []).append(us)
+    rows = [
+        dict(kernel=k, n=len(v), total_us=sum(v), mean_us=sum(v) / len(v)) for k, v in agg.items()
+    ]
+    return sorted(rows, key=lambda r: -r["total_us"])
 
 
 def main() -> None:
@@ -291,7 +286,6 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,qwen05,llama1b")
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--profile", default="llama1b", help="shapes to profile GEMVs of ('' = none)")
     args = ap.parse_args()
     import torch
 
@@ -302,10 +296,7 @@ def main() -> None:
     for key in args.models.split(","):
         r = bench_model(key, args.steps, bw)
         results.append(r)
-        print(json.dumps(asdict(r)), flush=True)
-    profile = []
-    for key in filter(None, args.profile.split(",")):
-        profile += gemv_profile(key, bw)
+        print(r.model, r.decode_tok_s, r.prefill512_tok_s, flush=True)
     print(f"\n{gpu}, bf16, batch 1, {args.steps} decode steps after a 16-token prompt")
     print(f"{'model':14} {'weights MB':>10} {'roofline':>9} {'decode':>8} {'%roof':>6} "
           f"{'eager':>7} {'HF':>6} {'x HF':>6} {'prefill512':>10} {'HF pf':>8} {'agree':>5}")  # fmt: skip
@@ -314,15 +305,24 @@ def main() -> None:
               f"{r.decode_pct_roofline:5.0f}% {r.eager_decode_tok_s:7.0f} {r.hf_decode_tok_s:6.0f} "
               f"{r.decode_tok_s / r.hf_decode_tok_s:6.1f} {r.prefill512_tok_s:10.0f} "
               f"{r.hf_prefill512_tok_s:8.0f} {r.first_tokens_agree_with_hf:5d}")  # fmt: skip
-    if profile:
-        print("\nGEMV profile (batch 1, layer 0, 50 launches in one graph):")
-        for p in profile:
-            print(f"  {p['model']:14} {p['kernel']:18} {p['mb']:7.1f} MB {p['us']:8.1f} us "
-                  f"{p['gb_s']:7.0f} GB/s {p['pct_copy_bw']:5.0f}% of copy")  # fmt: skip
+    for r in results:
+        print(f"\n{r.model}: prefill GEMMs, M=512, ours vs torch.matmul (cuBLAS):")
+        for g in r.gemm_vs_torch:
+            print(f"    {g['gemm']:14} N={g['n']:<6d} K={g['k']:<5d} ours {g['ours_us']:7.1f} us "
+                  f"{g['ours_tflops']:5.0f} TFLOP/s | torch {g['torch_us']:7.1f} us "
+                  f"{g['torch_tflops']:5.0f} TFLOP/s")  # fmt: skip
+        print(f"{r.model}: decode step {r.decode_step_us:.0f} us wall, {r.graph_replay_us:.0f} us "
+              f"graph replay; kernels back to back (eager, events), decode | prefill 512:")  # fmt: skip
+        for name, prof in (("decode", r.profile_decode), ("prefill", r.profile_prefill512)):
+            total = sum(p["total_us"] for p in prof)
+            print(f"  {name}: {total:.0f} us in kernels")
+            for p in prof:
+                print(f"    {p['kernel']:22} x{p['n']:<3d} {p['total_us']:9.1f} us "
+                      f"({p['mean_us']:.1f} each)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(gpu=gpu, copy_bw=bw, results=[asdict(r) for r in results],
-                           profile=profile), f, indent=1)  # fmt: skip
+            json.dump(dict(gpu=gpu, copy_bw=bw, results=[asdict(r) for r in results]), f,
+                      indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,12 @@
 //                 1: y fp32 [t * y_stride + n] += acc           (residual add)
 //                 2: y fp32 [t * y_stride + n]  = acc; with argmax != null also
 //                    atomicMax(argmax[t], key(acc, n)) -- greedy sampling fused into lm_head
-// PAIR (SwiGLU):  W has 2N rows (gate rows, then up rows); y bf16 = silu(gate) * up.
+// MODE 1 (SwiGLU pair): W has 2N rows (gate rows, then up rows); y bf16 = silu(gate) * up.
+// MODE 2 (q|k|v + RoPE + KV write, decode): N = (H + 2 KVH) * D / 2 row pairs; pair r is rows
+//   (head * D + i, head * D + i + D/2) of the fused q|k|v weight (head = r / (D/2)), so one warp
+//   holds both halves of a rotate-half pair: it adds the bias, rotates q and k at positions[t]
+//   (neox order, inv_freq carries llama3 scaling), writes q to y (bf16, row stride y_stride) and
+//   k, v straight into the paged cache at slots[t]. Saves the separate rope kernel.
 // K must be a multiple of 8.
 #pragma once
 #include "common.cuh"
@@ -19,15 +24,27 @@
 #define GEMV_WARPS 4
 #define GEMV_U 8
 
-template <int NT, bool PAIR>
+struct RopeArgs {
+    const int* positions;
+    const int* slots;
+    const float* inv_freq;
+    bf16* k_cache;
+    bf16* v_cache;
+    int H, KVH, D;
+};
+
+template <int NT, int MODE>
 __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int K,
                                           const void* __restrict__ x, int xmode, int x_stride,
                                           const int* __restrict__ x_rows,
                                           const float* __restrict__ norm_w, float eps,
                                           void* __restrict__ y, int ymode, int y_stride,
                                           const float* __restrict__ bias,
-                                          unsigned long long* __restrict__ argmax) {
+                                          unsigned long long* __restrict__ argmax,
+                                          const RopeArgs rope) {
+    constexpr bool PAIR = MODE != 0;
     extern __shared__ uint4 smem_x[];
+    __shared__ float ss_red[GEMV_WARPS][NT];
     __shared__ unsigned long long red[GEMV_WARPS][NT];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nvec = K >> 3;
@@ -35,9 +52,12 @@ __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int
     int row = blockIdx.x * GEMV_WARPS + warp;
 
     uint4 wa[GEMV_U], wb[GEMV_U];
+    const int halfD = rope.D >> 1;
+    auto row_a = [&](int r) { return MODE == 2 ? (r / halfD) * rope.D + r % halfD : r; };
+    auto row_b = [&](int r) { return MODE == 2 ? row_a(r) + halfD : r + N; };
     auto load = [&](int r, int base) {
-        const uint4* pa = reinterpret_cast<const uint4*>(W + (size_t)r * K);
-        const uint4* pb = reinterpret_cast<const uint4*>(W + (size_t)(r + N) * K);
+        const uint4* pa = reinterpret_cast<const uint4*>(W + (size_t)row_a(r) * K);
+        const uint4* pb = reinterpret_cast<const uint4*>(W + (size_t)row_b(r) * K);
 #pragma unroll
         for (int u = 0; u < GEMV_U; ++u) {
             const int i = base + u * 32 + lane;
@@ -60,14 +80,41 @@ __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int
             for (int i = threadIdx.x; i < nvec; i += blockDim.x) smem_x[t * nvec + i] = xr[i];
         }
     } else {
-        // One warp per token row: sum of squares, then the normalized bf16 row.
-        for (int t = warp; t < NT; t += GEMV_WARPS) {
+        // Fused RMSNorm, all threads: sum of squares of every token row (128-bit loads), one
+        // barrier for all rows, then the normalized bf16 rows.
+        float ss[NT];
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
             const int src = x_rows ? x_rows[t] : t;
-            const float* xr = reinterpret_cast<const float*>(x) + (size_t)src * x_stride;
-            float ss = 0.f;
-            for (int i = lane; i < K; i += 32) ss += xr[i] * xr[i];
-            const float inv = rsqrtf(warp_sum(ss) / K + eps);
-            for (int i = lane; i < K; i += 32) xs[t * K + i] = f2bf(xr[i] * inv * norm_w[i]);
+            const float4* xr = reinterpret_cast<const float4*>(
+                reinterpret_cast<const float*>(x) + (size_t)src * x_stride);
+            float acc = 0.f;
+            for (int i = threadIdx.x; i < K / 4; i += blockDim.x) {
+                const float4 v = xr[i];
+                acc += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+            ss[t] = warp_sum(acc);
+        }
+        if (lane == 0)
+#pragma unroll
+            for (int t = 0; t < NT; ++t) ss_red[warp][t] = ss[t];
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            float tot = 0.f;
+#pragma unroll
+            for (int w = 0; w < GEMV_WARPS; ++w) tot += ss_red[w][t];
+            const float inv = rsqrtf(tot / K + eps);
+            const int src = x_rows ? x_rows[t] : t;
+            const float4* xr = reinterpret_cast<const float4*>(
+                reinterpret_cast<const float*>(x) + (size_t)src * x_stride);
+            const float4* nw = reinterpret_cast<const float4*>(norm_w);
+            __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(xs + (size_t)t * K);
+            for (int i = threadIdx.x; i < K / 4; i += blockDim.x) {
+                const float4 v = xr[i], g = nw[i];
+                dst[2 * i] = __floats2bfloat162_rn(v.x * inv * g.x, v.y * inv * g.y);
+                dst[2 * i + 1] = __floats2bfloat162_rn(v.z * inv * g.z, v.w * inv * g.w);
+            }
         }
     }
     __syncthreads();
@@ -111,7 +158,33 @@ __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int
 #pragma unroll
         for (int t = 0; t < NT; ++t) {
             const float a = warp_sum(acc[t]);
-            if (PAIR) {
+            if (MODE == 2) {
+                const float b = warp_sum(accb[t]);
+                if (lane == 0) {
+                    const int ra = row_a(row), rb = ra + halfD;
+                    const int head = row / halfD, i = row % halfD;
+                    float xa = bf2f(f2bf(a + (bias ? bias[ra] : 0.f)));
+                    float xb = bf2f(f2bf(b + (bias ? bias[rb] : 0.f)));
+                    if (head < rope.H + rope.KVH) {
+                        float sn, cs;
+                        sincosf((float)rope.positions[t] * rope.inv_freq[i], &sn, &cs);
+                        const float ya = xa * cs - xb * sn, yb = xb * cs + xa * sn;
+                        xa = ya;
+                        xb = yb;
+                    }
+                    const long long slot = rope.slots[t];
+                    bf16* dst;
+                    if (head < rope.H)
+                        dst = reinterpret_cast<bf16*>(y) + (size_t)t * y_stride + (size_t)head * rope.D;
+                    else if (head < rope.H + rope.KVH)
+                        dst = rope.k_cache + slot * rope.KVH * rope.D + (size_t)(head - rope.H) * rope.D;
+                    else
+                        dst = rope.v_cache + slot * rope.KVH * rope.D +
+                              (size_t)(head - rope.H - rope.KVH) * rope.D;
+                    dst[i] = f2bf(xa);
+                    dst[i + halfD] = f2bf(xb);
+                }
+            } else if (PAIR) {
                 const float b = warp_sum(accb[t]);
                 if (lane == 0) {
                     const float g = bf2f(f2bf(a)), u = bf2f(f2bf(b));
@@ -154,9 +227,13 @@ __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int
 
 #define GEMV_INST(NT)                                                                           \
     extern "C" __global__ void __launch_bounds__(128) gemv_t##NT(GEMV_ARGS) {                  \
-        gemv_impl<NT, false>(GEMV_PASS);                                                        \
+        gemv_impl<NT, 0>(GEMV_PASS, RopeArgs{});                                                \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(128) gemv_pair_t##NT(GEMV_ARGS) {             \
-        gemv_impl<NT, true>(GEMV_PASS);                                                         \
+        gemv_impl<NT, 1>(GEMV_PASS, RopeArgs{});                                                \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) gemv_qkv_rope_t##NT(                     \
+        GEMV_ARGS, const int *positions, const int *slots, const float *inv_freq,               \
+        bf16 *k_cache, bf16 *v_cache, int H, int KVH, int D) {                                  \
+        gemv_impl<NT, 2>(GEMV_PASS, RopeArgs{positions, slots, inv_freq, k_cache, v_cache, H, KVH, D}); \
     }
-

@@ -56,8 +56,10 @@ _SIGNATURES = {
     "rope_kv_write": "PiPPPPPiiii",
     "argmax_rows": "PiiP",
     "argmax_finish": "PiP",
+    "spin_wait": "q",
 }
 _GEMV_SIG = "PiiPiiPPfPiiPP"
+_GEMV_ROPE_SIG = _GEMV_SIG + "PPPPPiii"
 _GEMM_SIG = "PiPiiiiPiiP"
 _ATT_SIG = "PiPPPiPPPiPPPiiiif"
 
@@ -160,6 +162,7 @@ class CudaBackend:
         self._part_ml = cuda.mem_alloc(PARTIAL_TOKENS * c.num_heads * MAX_SPLITS * 2 * 4)
         self._counters = None
         self._graphs: dict[tuple[int, int], Any] = {}
+        self._prof: list | None = None
         self._ws: _Workspace | None = None
         self._max_width = 1  # provisional; fixed after the pool is sized
         self._alloc_workspace(max_tokens)
@@ -196,6 +199,8 @@ class CudaBackend:
             for kind in ("gemv", "gemv_pair"):
                 name = f"{kind}_t{t}"
                 self._f[name] = self.kernels.fn(name).prepare(_GEMV_SIG)
+            name = f"gemv_qkv_rope_t{t}"
+            self._f[name] = self.kernels.fn(name).prepare(_GEMV_ROPE_SIG)
         for name in ("gemm_128x128", "gemm_64x128", "gemm_64x64"):
             self._f[name] = self.kernels.fn(name).prepare(_GEMM_SIG)
         for dl in (1, 2, 4, 8):
@@ -406,27 +411,36 @@ class CudaBackend:
             self._graphs[key] = graph
         graph.launch(self.stream.handle)
 
-    def _gemv(self, tokens, W, n, k, x, xmode, x_stride, x_rows, norm, y, ymode, y_stride,
-              bias=0, argmax=0, pair=False) -> None:  # fmt: skip
-        name = f"{'gemv_pair' if pair else 'gemv'}_t{tokens}"
-        self._f[name].prepared_async_call(
-            (gemv_grid(n, self.sm_count), 1, 1), (128, 1, 1), self.stream,
-            W, n, k, x, xmode, x_stride, x_rows, norm, self.config.rms_norm_eps,
-            y, ymode, y_stride, bias, argmax,
-            shared_size=gemv_smem(tokens, k),
-        )  # fmt: skip
+    def _launch(self, label: str, name: str, grid, block, *args, shared: int = 0) -> None:
+        """Enqueue one kernel on self.stream; under profile_step(), between two events."""
+        prof = self._prof
+        if prof is not None:
+            start, end = self._cuda.Event(), self._cuda.Event()
+            start.record(self.stream)
+        self._f[name].prepared_async_call(grid, block, self.stream, *args, shared_size=shared)
+        if prof is not None:
+            end.record(self.stream)
+            prof.append((label, start, end))
 
-    def _gemm(self, a, lda, W, ldw, m, n, k, c, ldc, mode, bias=0) -> None:
+    def _gemv(self, label, tokens, W, n, k, x, xmode, x_stride, x_rows, norm, y, ymode,
+              y_stride, bias=0, argmax=0, pair=False, rope=None) -> None:  # fmt: skip
+        args = (W, n, k, x, xmode, x_stride, x_rows, norm, self.config.rms_norm_eps,
+                y, ymode, y_stride, bias, argmax)  # fmt: skip
+        if rope is not None:
+            name, args = f"gemv_qkv_rope_t{tokens}", args + rope
+        else:
+            name = f"{'gemv_pair' if pair else 'gemv'}_t{tokens}"
+        self._launch(label, name, (gemv_grid(n, self.sm_count), 1, 1), (128, 1, 1), *args,
+                     shared=gemv_smem(tokens, k))  # fmt: skip
+
+    def _gemm(self, label, a, lda, W, ldw, m, n, k, c, ldc, mode, bias=0) -> None:
         tile = gemm_tile(m, n, self.sm_count)
-        self._f[tile.name].prepared_async_call(
-            tile.grid(m, n), (tile.threads, 1, 1), self.stream,
-            a, lda, W, ldw, m, n, k, c, ldc, mode, bias,
-            shared_size=tile.smem,
-        )  # fmt: skip
+        self._launch(label, tile.name, tile.grid(m, n), (tile.threads, 1, 1),
+                     a, lda, W, ldw, m, n, k, c, ldc, mode, bias, shared=tile.smem)  # fmt: skip
 
     def _launch_forward(self, layout: InputLayout, max_ctx: int) -> None:
         """Enqueue one whole step on self.stream (also what a graph captures)."""
-        c, ws, f, s = self.config, self._ws, self._f, self.stream
+        c, ws = self.config, self._ws
         T, R = layout.tokens, layout.rows
         hid, inter, qkv, qd = c.hidden_size, c.intermediate_size, self._qkv_dim, self._q_dim
         eps = c.rms_norm_eps
@@ -445,58 +459,93 @@ class CudaBackend:
         if ws.tokens < T:
             raise AssertionError("workspace too small")
 
-        f["embedding_gather"].prepared_async_call(
-            (T, 1, 1), (128, 1, 1), s, self.w["embed"], ids, resid, hid, c.vocab_size,
-            int(self._argmax), R,
-        )  # fmt: skip
+        self._launch("embedding", "embedding_gather", (T, 1, 1), (128, 1, 1), self.w["embed"],
+                     ids, resid, hid, c.vocab_size, int(self._argmax), R)  # fmt: skip
         kv_base = int(self._kv)
+        w = self.w
         for li in range(c.num_layers):
-            w = self.w
             kc = kv_base + (2 * li) * self._layer_kv_bytes
             vc = kc + self._layer_kv_bytes
             bias = w.get(f"L{li}.bqkv", 0)
-            if small:
-                self._gemv(T, w[f"L{li}.wqkv"], qkv, hid, resid, 1, hid, 0,
-                           w[f"L{li}.attn_norm"], qkvb, 0, qkv, bias)  # fmt: skip
+            if small:  # q|k|v GEMV with fused RMSNorm, RoPE and the KV-cache write
+                rope = (pos, slots, int(self._inv_freq), kc, vc, c.num_heads, c.num_kv_heads,
+                        c.head_dim)  # fmt: skip
+                self._gemv("qkv+norm+rope", T, w[f"L{li}.wqkv"], qkv // 2, hid, resid, 1, hid, 0,
+                           w[f"L{li}.attn_norm"], qkvb, 0, qkv, bias, rope=rope)  # fmt: skip
             else:
-                f["add_rmsnorm"].prepared_async_call(
-                    (T, 1, 1), (256, 1, 1), s, resid, 0, 0, w[f"L{li}.attn_norm"], xnorm, hid, eps
-                )
-                self._gemm(xnorm, hid, w[f"L{li}.wqkv"], hid, T, qkv, hid, qkvb, qkv, 0, bias)
-            f["rope_kv_write"].prepared_async_call(
-                (T, 1, 1), (128, 1, 1), s, qkvb, qkv, pos, slots, int(self._inv_freq), kc, vc,
-                c.num_heads, c.num_kv_heads, c.head_dim, 0,
-            )  # fmt: skip
-            f[self._att_name].prepared_async_call(
-                (T, c.num_kv_heads, nsplit), (128, 1, 1), s, qkvb, qkv, kc, vc, bt,
-                layout.width, tok_seq, pos, attn, qd, int(self._part_o), int(self._part_ml),
-                int(self._counters), c.num_heads, c.num_kv_heads, c.head_dim, self.block_size,
-                self._scale,
-            )  # fmt: skip
+                self._launch("rmsnorm", "add_rmsnorm", (T, 1, 1), (256, 1, 1), resid, 0, 0,
+                             w[f"L{li}.attn_norm"], xnorm, hid, eps)  # fmt: skip
+                self._gemm("gemm qkv", xnorm, hid, w[f"L{li}.wqkv"], hid, T, qkv, hid, qkvb, qkv,
+                           0, bias)  # fmt: skip
+                self._launch("rope+kv", "rope_kv_write", (T, 1, 1), (128, 1, 1), qkvb, qkv, pos,
+                             slots, int(self._inv_freq), kc, vc, c.num_heads, c.num_kv_heads,
+                             c.head_dim, 0)  # fmt: skip
+            self._launch("attention", self._att_name, (T, c.num_kv_heads, nsplit), (128, 1, 1),
+                         qkvb, qkv, kc, vc, bt, layout.width, tok_seq, pos, attn, qd,
+                         int(self._part_o), int(self._part_ml), int(self._counters), c.num_heads,
+                         c.num_kv_heads, c.head_dim, self.block_size, self._scale)  # fmt: skip
             if small:
-                self._gemv(T, w[f"L{li}.wo"], hid, qd, attn, 0, qd, 0, 0, resid, 1, hid)
-                self._gemv(T, w[f"L{li}.wgu"], inter, hid, resid, 1, hid, 0,
-                           w[f"L{li}.mlp_norm"], act, 0, inter, pair=True)  # fmt: skip
-                self._gemv(T, w[f"L{li}.wd"], hid, inter, act, 0, inter, 0, 0, resid, 1, hid)
+                self._gemv("o_proj+resid", T, w[f"L{li}.wo"], hid, qd, attn, 0, qd, 0, 0, resid,
+                           1, hid)  # fmt: skip
+                self._gemv("gate_up+norm+swiglu", T, w[f"L{li}.wgu"], inter, hid, resid, 1, hid,
+                           0, w[f"L{li}.mlp_norm"], act, 0, inter, pair=True)  # fmt: skip
+                self._gemv("down+resid", T, w[f"L{li}.wd"], hid, inter, act, 0, inter, 0, 0,
+                           resid, 1, hid)  # fmt: skip
             else:
-                self._gemm(attn, qd, w[f"L{li}.wo"], qd, T, hid, qd, resid, hid, 1)
-                f["add_rmsnorm"].prepared_async_call(
-                    (T, 1, 1), (256, 1, 1), s, resid, 0, 0, w[f"L{li}.mlp_norm"], xnorm, hid, eps
-                )
-                self._gemm(
-                    xnorm, hid, w[f"L{li}.wgu"], hid, T, 2 * inter, hid, gate_up, 2 * inter, 0
-                )
-                f["swiglu"].prepared_async_call(
-                    (ceil_div(inter // 8, 256), T, 1), (256, 1, 1), s, gate_up, act, inter
-                )
-                self._gemm(act, inter, w[f"L{li}.wd"], inter, T, hid, inter, resid, hid, 1)
+                self._gemm("gemm o_proj", attn, qd, w[f"L{li}.wo"], qd, T, hid, qd, resid, hid, 1)
+                self._launch("rmsnorm", "add_rmsnorm", (T, 1, 1), (256, 1, 1), resid, 0, 0,
+                             w[f"L{li}.mlp_norm"], xnorm, hid, eps)  # fmt: skip
+                self._gemm("gemm gate_up", xnorm, hid, w[f"L{li}.wgu"], hid, T, 2 * inter, hid,
+                           gate_up, 2 * inter, 0)  # fmt: skip
+                self._launch("swiglu", "swiglu", (ceil_div(inter // 8, 256), T, 1), (256, 1, 1),
+                             gate_up, act, inter)  # fmt: skip
+                self._gemm("gemm down", act, inter, w[f"L{li}.wd"], inter, T, hid, inter, resid,
+                           hid, 1)  # fmt: skip
         # Final norm + lm_head (+ fused argmax) over the rows to sample, 8 rows per launch.
         logits, argmax, v = int(self._logits), int(self._argmax), c.vocab_size
         for r0 in range(0, R, GEMV_MAX_TOKENS):
             n = min(GEMV_MAX_TOKENS, R - r0)
-            self._gemv(n, self.w["lm_head"], v, hid, resid, 1, hid, out_rows + 4 * r0,
-                       self.w["final_norm"], logits + 4 * r0 * v, 2, v, 0,
+            self._gemv("lm_head+norm+argmax", n, w["lm_head"], v, hid, resid, 1, hid,
+                       out_rows + 4 * r0, w["final_norm"], logits + 4 * r0 * v, 2, v, 0,
                        argmax + 8 * r0)  # fmt: skip
+
+    # ------------------------------------------------------------------ measurement
+
+    def profile_step(self, batch: list[BatchItem]) -> list[tuple[str, float]]:
+        """Run one step eagerly with every kernel between two events, queued behind a spin
+        kernel so the kernels run back to back; returns (label, microseconds) in launch order.
+        Like logits(), it writes the batch's KV slots."""
+        self._ensure_context()
+        self._check(batch)
+        rows = [i for i, it in enumerate(batch) if it.sampling is not None]
+        T = sum(len(it.token_ids) for it in batch)
+        width = min(max(len(it.block_table) for it in batch), self._max_width)
+        layout = InputLayout(T, len(batch), len(rows), width)
+        self._fill_inputs(batch, rows, layout, pad_to=len(batch))
+        self._f["spin_wait"].prepared_async_call((1, 1, 1), (1, 1, 1), self.stream, 50_000_000)
+        self._prof = []
+        try:
+            self._launch_forward(layout, max(it.start_pos + len(it.token_ids) for it in batch))
+            self.stream.synchronize()
+            return [(label, 1e3 * end.time_since(start)) for label, start, end in self._prof]
+        finally:
+            self._prof = None
+
+    def time_decode_graph(self, batch: list[BatchItem], reps: int = 50) -> float:
+        """Microseconds per replay of the decode graph for this batch, replayed back to back
+        (device time of a step without the host's per-step work)."""
+        self._ensure_context()
+        self._check(batch)
+        bucket = bucket_for(len(batch), self.graph_buckets)
+        self._run_graph(batch, bucket)
+        graph = next(iter(g for k, g in self._graphs.items() if k[0] == bucket))
+        start, end = self._cuda.Event(), self._cuda.Event()
+        start.record(self.stream)
+        for _ in range(reps):
+            graph.launch(self.stream.handle)
+        end.record(self.stream)
+        end.synchronize()
+        return 1e3 * end.time_since(start) / reps
 
     def _logits_row(self, r: int) -> np.ndarray:
         v = self.config.vocab_size

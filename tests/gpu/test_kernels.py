@@ -325,3 +325,41 @@ def test_argmax_rows_ties_pick_lowest_id(K):
     launch(K, "argmax_rows", "PiiP", (R, 1, 1), (1024, 1, 1), dev(K, logits), V, V, out)
     np.testing.assert_array_equal(get(K, out, R, np.int32), np.argmax(logits, axis=1))
     assert get(K, out, R, np.int32)[0] == 7
+
+
+@pytest.mark.parametrize("nt", [1, 4, 8])
+@pytest.mark.parametrize("H,KVH,D", [(4, 2, 16), (14, 2, 64), (3, 1, 32)])
+def test_gemv_qkv_rope_writes_q_and_cache(K, nt, H, KVH, D):
+    """The decode q|k|v GEMV with fused RMSNorm, bias, RoPE (neox) and KV-cache write."""
+    rng = np.random.default_rng(nt * 10 + D)
+    hid, eps, nslots = 96, 1e-5, 50
+    qkv_dim = (H + 2 * KVH) * D
+    W = bf(rng.standard_normal((qkv_dim, hid)) * 0.2)
+    bias = rng.standard_normal(qkv_dim).astype(np.float32)
+    resid = rng.standard_normal((nt, hid)).astype(np.float32)
+    nw = rng.standard_normal(hid).astype(np.float32)
+    pos = rng.integers(0, 3000, nt).astype(np.int32)
+    slots = rng.choice(nslots, nt, replace=False).astype(np.int32)
+    inv_freq = (1.0 / (500000.0 ** (np.arange(0, D, 2) / D))).astype(np.float32)
+    y = dev(K, nan_bf16((nt, qkv_dim)))
+    kc, vc = dev(K, nan_bf16((nslots, KVH, D))), dev(K, nan_bf16((nslots, KVH, D)))
+    n_pairs = qkv_dim // 2
+    grid = max(1, min(-(-n_pairs // 4), 132 * 8))
+    launch(K, f"gemv_qkv_rope_t{nt}", "PiiPiiPPfPiiPP" + "PPPPPiii", (grid, 1, 1), (128, 1, 1),
+           dev(K, W), n_pairs, hid, dev(K, resid), 1, hid, 0, dev(K, nw), eps, y, 0, qkv_dim,
+           dev(K, bias), 0, dev(K, pos), dev(K, slots), dev(K, inv_freq), kc, vc, H, KVH, D,
+           shared=nt * hid * 2)  # fmt: skip
+    r64 = resid.astype(np.float64)
+    xn = bf16_round(r64 / np.sqrt(np.mean(r64**2, axis=1, keepdims=True) + eps) * nw)
+    qkv = bf16_round(xn.astype(np.float64) @ unbf(W).T.astype(np.float64) + bias).astype(np.float64)
+    q_ref = rope_ref(qkv[:, : H * D].reshape(nt, H, D), pos, inv_freq, 0)
+    k_ref = rope_ref(qkv[:, H * D : (H + KVH) * D].reshape(nt, KVH, D), pos, inv_freq, 0)
+    v_ref = qkv[:, (H + KVH) * D :].reshape(nt, KVH, D)
+    got_q = unbf(get(K, y, (nt, qkv_dim), np.uint16))[:, : H * D].reshape(nt, H, D)
+    assert rel_err(got_q, q_ref) < TOL_BF16
+    kg = unbf(get(K, kc, (nslots, KVH, D), np.uint16))
+    vg = unbf(get(K, vc, (nslots, KVH, D), np.uint16))
+    assert rel_err(kg[slots], k_ref) < TOL_BF16
+    assert rel_err(vg[slots], v_ref) < TOL_BF16
+    untouched = np.setdiff1d(np.arange(nslots), slots)
+    assert np.isnan(kg[untouched]).all() and np.isnan(vg[untouched]).all()
