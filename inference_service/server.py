@@ -240,7 +240,8 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
         except RpcError as exc:
             code = exc.code.name
             await context.abort(exc.code, exc.message)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while awaiting, or closed while suspended at a yield.
             remaining = context.time_remaining()
             code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
             raise
