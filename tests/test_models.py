@@ -189,3 +189,69 @@ def test_not_a_model(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="model not found"):
         load_model(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------- configs
+
+# config.json of meta-llama/Llama-3.2-1B as published (transformers 4 spelling).
+LLAMA_32_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 16,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "vocab_size": 128256,
+}
+
+
+def test_config_from_published_llama32_json():
+    from inference_service.models.config import RopeScaling, config_from_hf
+
+    c = config_from_hf(LLAMA_32_1B)
+    assert c.rope_theta == 500000.0 and c.tie_word_embeddings and not c.attention_bias
+    assert c.rope_scaling == RopeScaling(32.0, 1.0, 4.0, 8192)
+    assert (c.num_kv_heads, c.head_dim, c.eos_token_ids) == (8, 64, (128001,))
+
+
+def test_config_rope_matches_transformers_inv_freq():
+    """Our llama3-scaled inverse frequencies equal transformers' own rope init."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from inference_service.models.config import config_from_hf
+    from inference_service.models.rope import rope_inv_freq
+
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**LLAMA_32_1B), "cpu")
+    np.testing.assert_allclose(
+        rope_inv_freq(config_from_hf(LLAMA_32_1B)), hf_inv.numpy(), rtol=1e-6
+    )
+
+
+def test_config_mistral_window_and_bad_rope():
+    from inference_service.models.config import config_from_hf
+
+    mistral = dict(LLAMA_32_1B, model_type="mistral", sliding_window=4096, rope_scaling=None)
+    assert config_from_hf(mistral).max_position_embeddings == 4096
+    yarn = dict(LLAMA_32_1B, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ModelLoadError, match="unsupported rope scaling type 'yarn'"):
+        config_from_hf(yarn)
+    no_heads = {k: v for k, v in LLAMA_32_1B.items() if k != "num_attention_heads"}
+    with pytest.raises(ModelLoadError, match="num_attention_heads"):
+        config_from_hf(no_heads)

@@ -95,6 +95,12 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
         raise ModelLoadError("unsupported: mlp_bias=true")
     if arch == "llama" and d.get("attention_bias"):
         raise ModelLoadError("unsupported: Llama attention_bias=true (bias on o_proj)")
+    max_pos = int(d.get("max_position_embeddings", 4096))
+    window = d.get("sliding_window")
+    if window and (model_type == "mistral" or d.get("use_sliding_window")):
+        # Sliding-window attention only differs from full attention past the window, so
+        # we stay exact by not going past it.
+        max_pos = min(max_pos, int(window))
     try:
         num_heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
@@ -110,7 +116,7 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
             head_dim=int(d.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",
             rope_scaling=scaling,
