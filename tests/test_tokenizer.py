@@ -20,6 +20,7 @@ from tokenizer_models import (
     build_sentencepiece,
     corpus_lines,
     text_strategy,
+    transformers_gguf_tokenizer,
 )
 
 from tokenizer_service.tokenizer import (
@@ -176,10 +177,8 @@ def smollm2(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def smollm2_hf(smollm2_gguf):
-    transformers = pytest.importorskip("transformers", reason="transformers is the GGUF oracle")
-    return transformers.AutoTokenizer.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name
-    )
+    pytest.importorskip("transformers", reason="transformers is the GGUF oracle")
+    return transformers_gguf_tokenizer(smollm2_gguf)
 
 
 def test_smollm2_metadata_matches_transformers(smollm2, smollm2_hf):

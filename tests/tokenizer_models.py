@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import lru_cache
 from pathlib import Path
 
 from hypothesis import strategies as st
@@ -97,6 +98,14 @@ text_strategy = st.lists(
 ).map("".join)
 
 
+@lru_cache(maxsize=4)
+def transformers_gguf_tokenizer(gguf_file: Path):
+    """HF transformers' own tokenizer for a GGUF file (the oracle), loaded once per process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+
+
 def _write_corpus(folder: Path) -> Path:
     path = folder / "corpus.txt"
     path.write_text("\n".join(corpus_lines()), encoding="utf-8")
@@ -121,7 +130,7 @@ def build_hf_bpe(folder: Path) -> Path:
     tok.save(str(folder / "tokenizer.json"))
     config = {
         "bos_token": "<|im_start|>",
-        "eos_token": {"content": "<|im_end|>", "special": True},
+        "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "special": True},
         "pad_token": "<|endoftext|>",
         "chat_template": CHATML_TEMPLATE,
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -1,0 +1,194 @@
+"""`kuiper serve-tokenizer`, `kuiper encode`, `kuiper decode`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+DEFAULT_ADDRESS = "localhost:50052"
+ADDRESS_ENV = "KUIPER_TOKENIZER_ADDRESS"
+CALL_TIMEOUT_S = 30.0
+_MAX_UINT32 = (1 << 32) - 1
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from tokenizer_service.server import (
+        DEFAULT_GRACE_S,
+        DEFAULT_HOST,
+        DEFAULT_METRICS_PORT,
+        DEFAULT_PORT,
+    )
+
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a .gguf file, a folder with tokenizer.json (+ tokenizer_config.json), or a "
+        "sentencepiece .model file / folder with tokenizer.model. Default: the SmolLM2-135M-"
+        "Instruct GGUF, downloaded into $KUIPER_HOME on first use",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"interface to listen on (default {DEFAULT_HOST}, this machine only; use 0.0.0.0 "
+        "in a container or to accept remote clients)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus metrics HTTP port, /metrics (default {DEFAULT_METRICS_PORT}; "
+        "-1 turns metrics off)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help="seconds in-flight calls get to finish after SIGTERM/SIGINT "
+        f"(default {DEFAULT_GRACE_S:g})",
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from tokenizer_service.server import serve
+
+    metrics_port = (
+        None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
+    )
+    return serve(args.model, args.host, args.port, metrics_port, args.grace)
+
+
+def _address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
+        help=f"tokenizer service HOST:PORT (default ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
+    )
+
+
+def _stub(address: str) -> tuple[Any, Any]:
+    import grpc
+    from kuiper.v1 import tokenizer_pb2_grpc
+
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 256 << 20)]
+    )
+    return channel, tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+
+
+def _call(address: str, fn: Any) -> tuple[Any, int]:
+    """Run one RPC; turn gRPC failures into one readable line on stderr and exit code 1."""
+    import grpc
+
+    channel, stub = _stub(address)
+    try:
+        return fn(stub), 0
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            print(
+                f"error: cannot reach the tokenizer service at {address} ({exc.details()}).\n"
+                "Start it with `kuiper serve-tokenizer`, or point --address at a running one.",
+                file=sys.stderr,
+            )
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            print(f"error: no answer from {address} within {CALL_TIMEOUT_S:g}s", file=sys.stderr)
+        else:
+            print(f"error: {code.name}: {exc.details()}", file=sys.stderr)
+        return None, 1
+    finally:
+        channel.close()
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from kuiper.v1 import tokenizer_pb2 as pb
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    request = pb.EncodeRequest(texts=[text], add_special_tokens=not args.no_special_tokens)
+    reply, rc = _call(args.address, lambda stub: stub.Encode(request, timeout=CALL_TIMEOUT_S))
+    if rc == 0:
+        print(json.dumps(list(reply.results[0].ids)))
+    return rc
+
+
+def _token_id(value: str) -> int:
+    try:
+        token_id = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a token id (an integer)") from None
+    if not 0 <= token_id <= _MAX_UINT32:
+        raise argparse.ArgumentTypeError(f"{token_id} is not a token id (0 .. 2^32-1)")
+    return token_id
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from kuiper.v1 import tokenizer_pb2 as pb
+
+    ids = args.ids
+    if len(ids) == 1 and ids[0].lstrip().startswith("["):  # accept `kuiper encode`'s JSON output
+        try:
+            ids = [str(i) for i in json.loads(ids[0])]
+        except ValueError:
+            print(f"error: {ids[0]!r} is not a JSON list of token ids", file=sys.stderr)
+            return 2
+    try:
+        token_ids = [_token_id(i) for i in ids]
+    except argparse.ArgumentTypeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    request = pb.DecodeRequest(
+        sequences=[pb.TokenIds(ids=token_ids)], skip_special_tokens=args.skip_special_tokens
+    )
+    reply, rc = _call(args.address, lambda stub: stub.Decode(request, timeout=CALL_TIMEOUT_S))
+    if rc == 0:
+        print(reply.texts[0])
+    return rc
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve-tokenizer",
+        help="run the tokenizer service (gRPC: Encode, Decode, DecodeStream, ApplyChatTemplate)",
+        description="Run the kuiper.v1.TokenizerService gRPC server for one model's tokenizer, "
+        "with grpc health, server reflection and Prometheus metrics. SIGTERM drains in-flight "
+        "calls and exits 0.",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
+
+    encode = subparsers.add_parser(
+        "encode",
+        help="turn text into token ids with a running tokenizer service (prints JSON)",
+        description="Encode TEXT with the tokenizer service and print the token ids as a JSON "
+        "list, e.g. `kuiper encode 'Hello world'` -> [19556, 905].",
+    )
+    _address_argument(encode)
+    encode.add_argument(
+        "--no-special-tokens",
+        action="store_true",
+        help="do not add the model's special tokens (e.g. BOS)",
+    )
+    encode.add_argument("text", metavar="TEXT", help="the text to encode; - reads stdin")
+    encode.set_defaults(func=_encode)
+
+    decode = subparsers.add_parser(
+        "decode",
+        help="turn token ids back into text with a running tokenizer service",
+        description="Decode token ids with the tokenizer service and print the text, e.g. "
+        '`kuiper decode 19556 905` or `kuiper decode "$(kuiper encode hi)"`.',
+    )
+    _address_argument(decode)
+    decode.add_argument(
+        "--skip-special-tokens",
+        action="store_true",
+        help="leave special tokens (BOS, EOS, chat markers) out of the text",
+    )
+    decode.add_argument(
+        "ids", metavar="ID", nargs="+", help="token ids, separate or as one JSON list"
+    )
+    decode.set_defaults(func=_decode)
