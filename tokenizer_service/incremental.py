@@ -52,6 +52,12 @@ class IncrementalDecoder:
         if not ids:
             return ""
         self._tokenizer.validate_ids(ids)
+        return self.push_unchecked(ids)
+
+    def push_unchecked(self, ids: Sequence[int]) -> str:
+        """push() for ids the caller has already checked against the vocabulary."""
+        if not ids:
+            return ""
         self._ids.extend(ids)
         if self._ids[-1] in self._tokenizer.grouped_byte_ids:
             return ""  # the decoder judges a byte run as a whole: wait for its end

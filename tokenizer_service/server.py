@@ -152,6 +152,7 @@ class TokenizerServicer:
         self.tokenizer: Tokenizer | None = None
         self.limits = limits
         self.metrics = metrics
+        self._stream_tokens = metrics.tokens.labels("decode_stream")
 
     # ---- plumbing ------------------------------------------------------------------------
     def _unary(
@@ -302,33 +303,42 @@ class TokenizerServicer:
                 f"{len(sequences)} sequences in one message; the limit is {self.limits.max_batch}"
             )
         # Validate the whole message before touching any state.
-        opening = 0
+        vocab_size = tok.vocab_size
+        items = []
+        opening = total = 0
         for s in sequences:
-            what = f"sequence_id {s.sequence_id}"
-            self._check_ids(tok, s.ids, what)
-            if s.sequence_id not in decoders:
-                self._check_ids(tok, s.context_ids, f"{what} context_ids")
+            sid, ids = s.sequence_id, list(s.ids)
+            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+                self._check_ids(tok, ids, f"sequence_id {sid}")
+            if sid not in decoders:
+                self._check_ids(tok, s.context_ids, f"sequence_id {sid} context_ids")
                 opening += 1
+            items.append((sid, ids, s))
+            total += len(ids)
         if len(decoders) + opening > self.limits.max_open_sequences:
             raise InvalidRequest(
                 f"more than {self.limits.max_open_sequences} open sequences in one stream; "
                 "finish sequences (finished=true) to free them"
             )
-        deltas = []
-        for s in sequences:
-            decoder = decoders.get(s.sequence_id)
+        response = pb.DecodeStreamResponse()
+        deltas = response.deltas
+        opened = closed = 0
+        for sid, ids, s in items:
+            decoder = decoders.get(sid)
             if decoder is None:
                 decoder = IncrementalDecoder(tok, s.context_ids, s.skip_special_tokens)
-                decoders[s.sequence_id] = decoder
-                self.metrics.open_sequences.inc()
-            text = decoder.push(s.ids)
+                decoders[sid] = decoder
+                opened += 1
+            text = decoder.push_unchecked(ids)
             if s.finished:
                 text += decoder.flush()
-                del decoders[s.sequence_id]
-                self.metrics.open_sequences.dec()
-            deltas.append(pb.SequenceDelta(sequence_id=s.sequence_id, text=text))
-            self.metrics.tokens.labels("decode_stream").inc(len(s.ids))
-        return pb.DecodeStreamResponse(deltas=deltas)
+                del decoders[sid]
+                closed += 1
+            deltas.add(sequence_id=sid, text=text)
+        self._stream_tokens.inc(total)
+        if opened != closed:
+            self.metrics.open_sequences.inc(opened - closed)
+        return response
 
     # ---- registration ----------------------------------------------------------------------
     def add_to_server(self, server: grpc.aio.Server) -> None:
