@@ -11,17 +11,19 @@
 #define ATT_THREADS 128
 #define ATT_TILE 128
 #define ATT_GMAX 8
-#define ATT_DMAX 256
 
-template <int DL>  // head dims per lane: D <= 32 * DL
+template <int D>
 __device__ __forceinline__ void attention_impl(
     const bf16* __restrict__ q, int q_stride, const bf16* __restrict__ k_cache,
     const bf16* __restrict__ v_cache, const int* __restrict__ block_tables, int bt_stride,
     const int* __restrict__ tok_seq, const int* __restrict__ positions, bf16* __restrict__ out,
     int out_stride, float* __restrict__ part_o, float* __restrict__ part_ml,
-    int* __restrict__ counters, int H, int KVH, int D, int block_size, float scale) {
-    __shared__ float qs[ATT_GMAX * ATT_DMAX];  // later reused for the cross-warp sum of o
+    int* __restrict__ counters, int H, int KVH, int block_size, float scale) {
+    constexpr int C = D / 8;              // 16-byte chunks per K/V row
+    constexpr int KG = ATT_THREADS / C;   // keys processed side by side in the P.V phase
+    __shared__ __align__(16) float qs[ATT_GMAX * D];  // later reused for the sum of o
     __shared__ float sc[ATT_GMAX][ATT_TILE];
+    __shared__ int slot_s[ATT_TILE];
     __shared__ float m_s[ATT_GMAX], l_s[ATT_GMAX], alpha_s[ATT_GMAX];
     __shared__ int last_s;
 
@@ -33,6 +35,7 @@ __device__ __forceinline__ void attention_impl(
     const int start = split * per, end = min(ctx, start + per);
     const int* bt = block_tables + (size_t)tok_seq[t] * bt_stride;
     const size_t row_stride = (size_t)KVH * D;  // elements between consecutive slots
+    const int kg = threadIdx.x / C, ch = threadIdx.x % C;
 
     for (int i = threadIdx.x; i < G * D; i += blockDim.x)
         qs[i] = bf2f(q[(size_t)t * q_stride + (size_t)h0 * D + i]) * scale;
@@ -40,16 +43,16 @@ __device__ __forceinline__ void attention_impl(
         m_s[threadIdx.x] = -INFINITY;
         l_s[threadIdx.x] = 0.f;
     }
-    float acc[ATT_GMAX][DL];
+    float acc[ATT_GMAX][8];
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; ++g)
 #pragma unroll
-        for (int j = 0; j < DL; ++j) acc[g][j] = 0.f;
+        for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
     __syncthreads();
 
     for (int tile = start; tile < end; tile += ATT_TILE) {
         const int n = min(ATT_TILE, end - tile);
-        // Scores: one key per thread.
+        // Scores: one key per thread (its whole K row in flight at once).
         {
             const int i = threadIdx.x;
             float s[ATT_GMAX];
@@ -58,16 +61,22 @@ __device__ __forceinline__ void attention_impl(
             if (i < n) {
                 const int pos = tile + i;
                 const int slot = bt[pos / block_size] * block_size + pos % block_size;
+                slot_s[i] = slot;
                 const uint4* kr = reinterpret_cast<const uint4*>(k_cache + slot * row_stride + (size_t)kvh * D);
-                for (int c = 0; c < D / 8; ++c) {
+                uint4 kv[C];
+#pragma unroll
+                for (int c = 0; c < C; ++c) kv[c] = kr[c];
+#pragma unroll
+                for (int c = 0; c < C; ++c) {
                     float kf[8];
-                    unpack8(kr[c], kf);
+                    unpack8(kv[c], kf);
 #pragma unroll
                     for (int g = 0; g < ATT_GMAX; ++g) {
                         if (g < G) {
-                            const float* qg = qs + g * D + c * 8;
-#pragma unroll
-                            for (int j = 0; j < 8; ++j) s[g] = fmaf(kf[j], qg[j], s[g]);
+                            const float4 qa = *reinterpret_cast<const float4*>(qs + g * D + c * 8);
+                            const float4 qb = *reinterpret_cast<const float4*>(qs + g * D + c * 8 + 4);
+                            s[g] += kf[0] * qa.x + kf[1] * qa.y + kf[2] * qa.z + kf[3] * qa.w +
+                                    kf[4] * qb.x + kf[5] * qb.y + kf[6] * qb.z + kf[7] * qb.w;
                         }
                     }
                 }
@@ -98,45 +107,40 @@ __device__ __forceinline__ void attention_impl(
             }
         }
         __syncthreads();
-        // o = alpha * o + P V: each warp takes every 4th key, lanes split the head dims.
+        // o = alpha * o + P V: thread (kg, ch) reads 16-byte chunk ch of keys kg, kg + KG, ...
 #pragma unroll
-        for (int g = 0; g < ATT_GMAX; ++g)
+        for (int g = 0; g < ATT_GMAX; ++g) {
+            const float a = (g < G) ? alpha_s[g] : 0.f;
 #pragma unroll
-            for (int j = 0; j < DL; ++j) acc[g][j] *= (g < G) ? alpha_s[g] : 0.f;
+            for (int j = 0; j < 8; ++j) acc[g][j] *= a;
+        }
 #pragma unroll 4
-        for (int i = warp; i < n; i += ATT_THREADS / 32) {
-            const int pos = tile + i;
-            const int slot = bt[pos / block_size] * block_size + pos % block_size;
-            const bf16* vr = v_cache + slot * row_stride + (size_t)kvh * D;
-            float v[DL];
-#pragma unroll
-            for (int j = 0; j < DL; ++j) {
-                const int d = lane + 32 * j;
-                v[j] = d < D ? bf2f(vr[d]) : 0.f;
-            }
+        for (int i = kg; i < n; i += KG) {
+            const uint4 vv = *reinterpret_cast<const uint4*>(v_cache + slot_s[i] * row_stride +
+                                                              (size_t)kvh * D + ch * 8);
+            float v[8];
+            unpack8(vv, v);
 #pragma unroll
             for (int g = 0; g < ATT_GMAX; ++g) {
                 if (g < G) {
                     const float p = sc[g][i];
 #pragma unroll
-                    for (int j = 0; j < DL; ++j) acc[g][j] = fmaf(p, v[j], acc[g][j]);
+                    for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(p, v[j], acc[g][j]);
                 }
             }
         }
         __syncthreads();
     }
 
-    // Sum the four warps' partial outputs in shared memory (qs is free now).
+    // Sum the KG key groups' partial outputs in shared memory (qs is free now).
     float* osum = qs;
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) osum[i] = 0.f;
     __syncthreads();
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; ++g)
+        if (g < G)
 #pragma unroll
-        for (int j = 0; j < DL; ++j) {
-            const int d = lane + 32 * j;
-            if (g < G && d < D) atomicAdd(&osum[g * D + d], acc[g][j]);
-        }
+            for (int j = 0; j < 8; ++j) atomicAdd(&osum[g * D + ch * 8 + j], acc[g][j]);
     __syncthreads();
 
     if (nsplit == 1) {
@@ -190,13 +194,15 @@ __device__ __forceinline__ void attention_impl(
         int block_size, float scale
 #define ATT_PASS                                                                             \
     q, q_stride, k_cache, v_cache, block_tables, bt_stride, tok_seq, positions, out,         \
-        out_stride, part_o, part_ml, counters, H, KVH, D, block_size, scale
+        out_stride, part_o, part_ml, counters, H, KVH, block_size, scale
 
-#define ATT_INST(DL)                                                                    \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_dl##DL(ATT_ARGS) { \
-        attention_impl<DL>(ATT_PASS);                                                   \
+// One kernel per head dim (the D argument is kept for a uniform signature).
+#define ATT_INST(DIM)                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_d##DIM(ATT_ARGS) { \
+        attention_impl<DIM>(ATT_PASS);                                                  \
     }
-ATT_INST(1)
-ATT_INST(2)
-ATT_INST(4)
-ATT_INST(8)
+ATT_INST(16)
+ATT_INST(32)
+ATT_INST(64)
+ATT_INST(128)
+ATT_INST(256)

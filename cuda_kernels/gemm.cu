@@ -9,7 +9,7 @@
 
 using namespace nvcuda;
 
-#define GEMM_BK 32
+#define GEMM_BK 64
 #define GEMM_SKEW 8
 #define GEMM_LDS (GEMM_BK + GEMM_SKEW)
 #define GEMM_STAGES 3

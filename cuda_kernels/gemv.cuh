@@ -22,7 +22,9 @@
 #include "common.cuh"
 
 #define GEMV_WARPS 4
-#define GEMV_U 8
+// 128-bit loads in flight per lane per row (two rows in the pair modes).
+#define GEMV_U_PAIR 8
+#define GEMV_U_SINGLE 16
 
 struct RopeArgs {
     const int* positions;
@@ -43,6 +45,7 @@ __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int
                                           unsigned long long* __restrict__ argmax,
                                           const RopeArgs rope) {
     constexpr bool PAIR = MODE != 0;
+    constexpr int GEMV_U = PAIR ? GEMV_U_PAIR : GEMV_U_SINGLE;
     extern __shared__ uint4 smem_x[];
     __shared__ float ss_red[GEMV_WARPS][NT];
     __shared__ unsigned long long red[GEMV_WARPS][NT];

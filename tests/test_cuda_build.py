@@ -67,7 +67,8 @@ def test_kernel_names_the_backend_launches_exist(built):
     names = ["embedding_gather", "add_rmsnorm", "swiglu", "rope_kv_write", "argmax_rows"]
     names += [f"gemv_t{t}" for t in range(1, 9)] + [f"gemv_pair_t{t}" for t in range(1, 9)]
     names += [t.name for t in plan.GEMM_TILES]
-    names += [f"paged_attention_dl{d}" for d in (1, 2, 4, 8)]
+    names += [f"paged_attention_d{d}" for d in plan.ATT_HEAD_DIMS]
+    names += [f"gemv_qkv_rope_t{t}" for t in range(1, 9)]
     for n in names:
         assert n.encode() + b"\x00" in text, n
 
@@ -173,7 +174,7 @@ def test_weight_bytes_per_token_counts_matrices_and_lm_head():
 def test_check_supported():
     plan.check_supported(config())
     with pytest.raises(ValueError, match="head_dim"):
-        plan.check_supported(config(head_dim=12))
+        plan.check_supported(config(head_dim=24))
     with pytest.raises(ValueError, match="query heads per kv head"):
         plan.check_supported(config(num_heads=18, num_kv_heads=1))
     with pytest.raises(ValueError, match="intermediate_size"):
@@ -183,7 +184,10 @@ def test_check_supported():
 def test_gemv_grid_fills_but_does_not_exceed_the_chip():
     assert plan.gemv_grid(576, 132) == 144  # one warp per row, 4 rows per block
     assert plan.gemv_grid(1, 132) == 1
-    assert plan.gemv_grid(128256, 132) == 132 * plan.GEMV_BLOCKS_PER_SM  # then rows stride
+    assert plan.gemv_grid(128256, 132, 5) == 132 * 5  # one resident wave, then rows stride
+    assert plan.resident_blocks(regs=96, threads=128, smem=4096) == 5  # register bound
+    assert plan.resident_blocks(regs=32, threads=128, smem=0) == 16  # warp bound
+    assert plan.resident_blocks(regs=32, threads=128, smem=100_000) == 2  # shared-memory bound
     assert plan.gemv_smem(8, 8192) == 8 * 8192 * 2
 
 
@@ -193,17 +197,17 @@ def test_gemm_tile_choice():
     assert plan.gemm_tile(16, 64, 132).name == "gemm_64x64"
     t = plan.gemm_tile(130, 260, 1)
     assert t.grid(130, 260) == (3, 2, 1)
-    assert plan.GEMM_TILES[0].smem == 3 * 256 * 40 * 2
+    assert plan.GEMM_TILES[0].smem == 3 * 256 * 72 * 2
 
 
 def test_attention_kernel_and_splits():
-    assert plan.attention_kernel(16) == "paged_attention_dl1"
-    assert plan.attention_kernel(64) == "paged_attention_dl2"
-    assert plan.attention_kernel(96) == "paged_attention_dl4"
-    assert plan.attention_kernel(256) == "paged_attention_dl8"
+    assert plan.attention_kernel(16) == "paged_attention_d16"
+    assert plan.attention_kernel(128) == "paged_attention_d128"
+    with pytest.raises(ValueError):
+        plan.attention_kernel(96)
     assert plan.attention_splits(512, 8, 512, 132, 32) == 1  # prefill: enough blocks already
-    assert plan.attention_splits(1, 8, 4096, 132, 32) == 32  # batch-1 decode, long context
-    assert plan.attention_splits(1, 8, 100, 132, 32) == 2  # >= 64 keys per split
+    assert plan.attention_splits(1, 8, 8192, 132, 32) == 32  # batch-1 decode, long context
+    assert plan.attention_splits(1, 8, 300, 132, 32) == 2  # >= 256 keys per split
     assert plan.attention_splits(1, 1, 10**6, 132, 8) == 8  # partials buffer bound
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from inference_service.backends.base import BatchItem
 from inference_service.backends.cuda_plan import (
     GEMV_MAX_TOKENS,
+    GEMV_THREADS,
     InputLayout,
     attention_kernel,
     attention_splits,
@@ -36,6 +37,7 @@ from inference_service.backends.cuda_plan import (
     gemv_grid,
     gemv_smem,
     kv_block_bytes,
+    resident_blocks,
     width_bucket,
 )
 from inference_service.backends.cuda_weights import plan_arena
@@ -201,11 +203,16 @@ class CudaBackend:
                 self._f[name] = self.kernels.fn(name).prepare(_GEMV_SIG)
             name = f"gemv_qkv_rope_t{t}"
             self._f[name] = self.kernels.fn(name).prepare(_GEMV_ROPE_SIG)
+        attr = self._cuda.function_attribute
+        self._regs = {
+            name: (f.get_attribute(attr.NUM_REGS), f.get_attribute(attr.SHARED_SIZE_BYTES))
+            for name, f in self._f.items()
+            if name.startswith("gemv")
+        }
         for name in ("gemm_128x128", "gemm_64x128", "gemm_64x64"):
             self._f[name] = self.kernels.fn(name).prepare(_GEMM_SIG)
-        for dl in (1, 2, 4, 8):
-            name = f"paged_attention_dl{dl}"
-            self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
+        name = attention_kernel(self.config.head_dim)
+        self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
 
     def _alloc_workspace(self, tokens: int) -> None:
         cuda, c = self._cuda, self.config
@@ -326,11 +333,16 @@ class CudaBackend:
                     f"sequence {item.seq_id}: {end} positions exceed the CUDA backend's "
                     f"maximum of {self.max_model_len}"
                 )
-            ids = np.asarray(item.token_ids)
-            if ids.min() < 0 or ids.max() >= v:
+            if n == 1:  # decode: plain ints are cheaper than numpy reductions
+                tok = int(item.token_ids[0])
+                bad_id = tok < 0 or tok >= v
+            else:
+                ids = np.asarray(item.token_ids)
+                bad_id = ids.min() < 0 or ids.max() >= v
+            if bad_id:
                 raise ValueError(f"sequence {item.seq_id}: token id out of range 0..{v - 1}")
-            bt = np.asarray(item.block_table)
-            if bt.size and (bt.min() < 0 or bt.max() >= self.num_blocks):
+            bt = item.block_table
+            if len(bt) and (min(bt) < 0 or max(bt) >= self.num_blocks):
                 raise ValueError(
                     f"sequence {item.seq_id}: block id out of range 0..{self.num_blocks - 1}"
                 )
@@ -358,14 +370,22 @@ class CudaBackend:
         last = []
         for s, item in enumerate(batch):
             n = len(item.token_ids)
-            p = np.arange(item.start_pos, item.start_pos + n)
-            table = np.asarray(item.block_table, dtype=np.int32)
-            ids[t : t + n] = item.token_ids
-            pos[t : t + n] = p
-            slots[t : t + n] = table[p // bs] * bs + p % bs
-            tok_seq[t : t + n] = s
+            table = item.block_table
             w = min(len(table), layout.width)
             bt[s, :w] = table[:w]
+            if n == 1:  # decode: scalar writes, no temporaries
+                p = item.start_pos
+                ids[t] = item.token_ids[0]
+                pos[t] = p
+                slots[t] = table[p // bs] * bs + p % bs
+                tok_seq[t] = s
+            else:
+                p = np.arange(item.start_pos, item.start_pos + n)
+                table = np.asarray(table, dtype=np.int32)
+                ids[t : t + n] = item.token_ids
+                pos[t : t + n] = p
+                slots[t : t + n] = table[p // bs] * bs + p % bs
+                tok_seq[t : t + n] = s
             t += n
             last.append(t - 1)
         for s in range(len(batch), pad_to):
@@ -430,8 +450,11 @@ class CudaBackend:
             name, args = f"gemv_qkv_rope_t{tokens}", args + rope
         else:
             name = f"{'gemv_pair' if pair else 'gemv'}_t{tokens}"
-        self._launch(label, name, (gemv_grid(n, self.sm_count), 1, 1), (128, 1, 1), *args,
-                     shared=gemv_smem(tokens, k))  # fmt: skip
+        regs, static_smem = self._regs[name]
+        smem = gemv_smem(tokens, k)
+        per_sm = resident_blocks(regs, GEMV_THREADS, smem + static_smem)
+        self._launch(label, name, (gemv_grid(n, self.sm_count, per_sm), 1, 1), (GEMV_THREADS, 1, 1),
+                     *args, shared=smem)  # fmt: skip
 
     def _gemm(self, label, a, lda, W, ldw, m, n, k, c, ldc, mode, bias=0) -> None:
         tile = gemm_tile(m, n, self.sm_count)

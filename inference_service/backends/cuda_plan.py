@@ -9,10 +9,13 @@ from inference_service.models.config import ModelConfig
 
 GEMV_WARPS = 4  # rows per GEMV block (one warp per row); gemv.cuh GEMV_WARPS
 GEMV_MAX_TOKENS = 8  # gemv_t1 .. gemv_t8
-GEMV_BLOCKS_PER_SM = 8
-GEMM_BK, GEMM_SKEW, GEMM_STAGES = 32, 8, 3  # gemm.cu
-ATT_GMAX, ATT_DMAX = 8, 256  # attention.cu: query heads per kv head, head dim
-ATT_MIN_KEYS_PER_SPLIT = 64
+GEMV_THREADS = 128
+# Hopper (sm_90) per-SM limits, for occupancy.
+SM_REGS, SM_SMEM, SM_MAX_BLOCKS, SM_MAX_WARPS, SMEM_PER_BLOCK_RESERVED = 65536, 233472, 32, 64, 1024
+GEMM_BK, GEMM_SKEW, GEMM_STAGES = 64, 8, 3  # gemm.cu
+ATT_GMAX = 8  # attention.cu: query heads per kv head
+ATT_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention_d{D}
+ATT_MIN_KEYS_PER_SPLIT = 256
 KV_DTYPE_BYTES = 2  # bf16 cache
 
 
@@ -27,10 +30,8 @@ def check_supported(c: ModelConfig) -> None:
         raise ValueError(
             f"the CUDA backend supports up to {ATT_GMAX} query heads per kv head, got {group}"
         )
-    if c.head_dim % 8 or c.head_dim > ATT_DMAX:
-        raise ValueError(
-            f"the CUDA backend needs head_dim a multiple of 8 and <= {ATT_DMAX}, got {c.head_dim}"
-        )
+    if c.head_dim not in ATT_HEAD_DIMS:
+        raise ValueError(f"the CUDA backend supports head_dim in {ATT_HEAD_DIMS}, got {c.head_dim}")
     for name in ("hidden_size", "intermediate_size"):
         if getattr(c, name) % 8:
             raise ValueError(
@@ -42,10 +43,19 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gemv_grid(n_rows: int, sm_count: int) -> int:
-    """Blocks of a GEMV over n_rows outputs: one warp per row, at most as many blocks as fit
-    resident on the chip (the kernel strides over the remaining rows)."""
-    return max(1, min(ceil_div(n_rows, GEMV_WARPS), sm_count * GEMV_BLOCKS_PER_SM))
+def resident_blocks(regs: int, threads: int, smem: int) -> int:
+    """Blocks of one kernel that fit on one SM at once (registers, shared memory, warps)."""
+    warps = ceil_div(threads, 32)
+    regs_per_warp = ceil_div(max(regs, 1) * 32, 256) * 256
+    by_regs = SM_REGS // (warps * regs_per_warp)
+    by_smem = SM_SMEM // (smem + SMEM_PER_BLOCK_RESERVED)
+    return max(1, min(SM_MAX_BLOCKS, SM_MAX_WARPS // warps, by_regs, by_smem))
+
+
+def gemv_grid(n_rows: int, sm_count: int, per_sm: int = 8) -> int:
+    """Blocks of a GEMV over n_rows outputs: one warp per row, at most one wave of resident
+    blocks (the kernel strides over the remaining rows, so no block waits for a second wave)."""
+    return max(1, min(ceil_div(n_rows, GEMV_WARPS), sm_count * per_sm))
 
 
 def gemv_smem(tokens: int, k: int) -> int:
@@ -85,12 +95,10 @@ def gemm_tile(m: int, n: int, sm_count: int) -> GemmTile:
 
 
 def attention_kernel(head_dim: int) -> str:
-    """paged_attention_dl{1,2,4,8}: head dims per lane = ceil(head_dim / 32), rounded up to 2^k."""
-    per_lane = ceil_div(head_dim, 32)
-    for dl in (1, 2, 4, 8):
-        if per_lane <= dl:
-            return f"paged_attention_dl{dl}"
-    raise ValueError(f"head_dim {head_dim} > {ATT_DMAX}")
+    """The paged attention kernel compiled for this head dim."""
+    if head_dim not in ATT_HEAD_DIMS:
+        raise ValueError(f"no attention kernel for head_dim {head_dim} (have {ATT_HEAD_DIMS})")
+    return f"paged_attention_d{head_dim}"
 
 
 def attention_splits(
