@@ -7,6 +7,7 @@ for a GGUF written from such a model), HF transformers' GGUF conversion for Smol
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -247,6 +248,45 @@ def test_llama2_template_uses_special_tokens_and_raise_exception(models):
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(ChatTemplateError, match="roles must alternate"):
         ours.apply_chat_template(bad, add_generation_prompt=True)
+
+
+# Exercises what real templates use: namespace, tojson on non-ASCII, dict(), loop controls,
+# `is defined` on special tokens, and whitespace control (trim_blocks / lstrip_blocks).
+FEATURE_TEMPLATE = """{%- set ns = namespace(count=0, last_user='') -%}
+{%- for message in messages %}
+    {%- if message['role'] == 'user' %}
+        {%- set ns.count = ns.count + 1 %}
+        {%- set ns.last_user = message['content'] %}
+    {%- endif %}
+{%- endfor %}
+{{ bos_token if bos_token is defined else '' }}[{{ ns.count }} user turns]
+{% for message in messages %}
+    {% if loop.index > 3 %}{% break %}{% endif %}
+    {% if message['role'] == 'system' %}{% continue %}{% endif %}
+<{{ message['role'] }}>{{ message['content'] | trim }}</{{ message['role'] }}>
+    {{ dict(role=message['role'], n=loop.index) | tojson }}
+{% endfor %}
+last={{ ns.last_user | tojson }} pad={{ pad_token is defined }} unk={{ unk_token is defined }}
+{% if add_generation_prompt %}<assistant>{% endif %}"""
+
+
+def test_template_features_match_transformers(models, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle")
+    import shutil
+
+    folder = tmp_path / "feature"
+    shutil.copytree(models["hf"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = FEATURE_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = load_tokenizer(folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for messages in CONVERSATIONS:
+        for add in (False, True):
+            expected = theirs.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add
+            )
+            assert ours.apply_chat_template(messages, add) == expected
 
 
 def test_no_chat_template_is_a_clear_error(models):

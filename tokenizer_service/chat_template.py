@@ -57,6 +57,38 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _TemplateDict:
+    """`dict(...)` for templates, without attribute access to the dict type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any, **kwargs: Any) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """`namespace(...)` that refuses underscore names (a path to Python internals)."""
+
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 -- jinja's signature trick
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot set underscore attributes on a namespace ({name!r})"
+            )
+
+
 @lru_cache(maxsize=8)
 def compile_template(source: str) -> jinja2.Template:
     env = ImmutableSandboxedEnvironment(
@@ -67,6 +99,8 @@ def compile_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateSyntaxError as exc:
@@ -82,13 +116,14 @@ def render_chat_template(
 ) -> str:
     """Render `messages` with the template `source`.
 
-    `special_tokens` holds the template variables bos_token, eos_token, unk_token, pad_token.
+    `special_tokens` holds the template variables bos_token, eos_token, unk_token, pad_token;
+    like transformers, a token the model lacks is left undefined rather than set to None.
     Raises ChatTemplateError when the template rejects the messages (e.g. roles that do not
     alternate) or fails while rendering.
     """
     template = compile_template(source)
     variables: dict[str, Any] = {"tools": None, "documents": None}
-    variables.update(special_tokens)
+    variables.update({k: v for k, v in special_tokens.items() if v is not None})
     variables.update(extra)
     try:
         return template.render(
