@@ -82,8 +82,10 @@ def served(tmp_path_factory, smollm2_gguf):
     try:
         for kind, path in paths.items():  # start all, then wait: they load side by side
             port, metrics_port = free_port(), free_port()
+            # SmolLM2 is the default model: that server is started with no --model at all.
+            model = [] if kind == "smollm2" else ["--model", str(path)]
             args = kuiper_command(
-                "serve-tokenizer", "--model", str(path), "--port", str(port),
+                "serve-tokenizer", *model, "--port", str(port),
                 "--metrics-port", str(metrics_port), "--grace", "5",
             )  # fmt: skip
             started[kind] = (start_server(args, port, wait=False), metrics_port)
@@ -160,6 +162,8 @@ def test_tokenizer_info(served, kind):
     assert list(info.stop_ids) == tok.stop_ids
     assert info.has_chat_template == (tok.chat_template is not None)
     assert info.backend == {"hf": "hf-tokenizers", "smollm2": "gguf"}.get(kind, "sentencepiece")
+    # With no --model the server loads the default model, from the cache the fixture filled.
+    assert info.source == str(s.path)
     if kind.startswith("sp_"):
         import sentencepiece as spm
 
