@@ -386,6 +386,15 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(served):
         (lambda: _raw_call(s.channel, "Encode", b"\x0a\x80\x80\x80\x08" + b"a" * (17 << 20)),
          "exceeds the limit"),
     ]  # fmt: skip
+
+    def stream(*sequences):
+        request = pb.DecodeStreamRequest(sequences=list(sequences))
+        return lambda: list(s.stub.DecodeStream(iter([request]), timeout=10))
+
+    cases += [
+        (stream(*[pb.SequenceIds(sequence_id=i) for i in range(1025)]), "limit is 1024"),
+        (stream(pb.SequenceIds(sequence_id=5, ids=[1], context_ids=[vocab + 3])), "context_ids"),
+    ]
     for call, needle in cases:
         err = _code(call)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
