@@ -8,20 +8,20 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_ADDRESS = "localhost:50052"
+from tokenizer_service.defaults import (
+    DEFAULT_ADDRESS,
+    DEFAULT_GRACE_S,
+    DEFAULT_HOST,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PORT,
+)
+
 ADDRESS_ENV = "KUIPER_TOKENIZER_ADDRESS"
 CALL_TIMEOUT_S = 30.0
 _MAX_UINT32 = (1 << 32) - 1
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from tokenizer_service.server import (
-        DEFAULT_GRACE_S,
-        DEFAULT_HOST,
-        DEFAULT_METRICS_PORT,
-        DEFAULT_PORT,
-    )
-
     parser.add_argument(
         "--model",
         metavar="PATH",

@@ -27,16 +27,18 @@ from grpc_reflection.v1alpha import reflection
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tokenizer_service.defaults import (
+    DEFAULT_GRACE_S,
+    DEFAULT_HOST,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PORT,
+)
 from tokenizer_service.incremental import IncrementalDecoder
 from tokenizer_service.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("kuiper.tokenizer")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenizerService"].full_name
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 50052
-DEFAULT_METRICS_PORT = 9092
-DEFAULT_GRACE_S = 10.0
 # gRPC refuses messages above this itself (RESOURCE_EXHAUSTED); below it, our own limits
 # answer with INVALID_ARGUMENT and say which limit was hit.
 TRANSPORT_MAX_MESSAGE = 64 << 20
