@@ -1,15 +1,16 @@
 // Paged attention over the KV block tables, for decode and (causal) prefill alike: every query
 // token t attends to positions [0, positions[t]] of its sequence, whose keys/values live in the
 // paged cache [num_blocks, block_size, KVH, D] bf16 (rope_kv_write put this step's keys there
-// first). One block serves one (token, kv head, split) and all G = H / KVH query heads of that
-// kv head (GQA: each key/value is read once for the group). Keys are processed in tiles of 128
-// with an online softmax, so a split can cover any length. With nsplit > 1 (flash-decoding),
+// first). One block (256 threads) serves one (token, kv head, split) and all G = H / KVH query heads of that
+// kv head (GQA: each key/value is read once for the group). Keys are processed in tiles of 256
+// with an online softmax, so a split can cover any length; each thread's V rows are loaded
+// with its K row. With nsplit > 1 (flash-decoding),
 // each split writes a partial (o, m, l); the last split block to finish (atomic counter per
 // (token, kv head), reset after use) merges them, so no second launch is needed.
 #include "common.cuh"
 
-#define ATT_THREADS 128
-#define ATT_TILE 128
+#define ATT_THREADS 256
+#define ATT_TILE 256  // keys per tile = threads
 #define ATT_GMAX 8
 
 template <int D>
@@ -50,8 +51,24 @@ __device__ __forceinline__ void attention_impl(
         for (int j = 0; j < 8; ++j) acc[g][j] = 0.f;
     __syncthreads();
 
+    // V rows of this thread's P.V keys are loaded together with its K row, so one memory
+    // round trip serves both phases (VP 16-byte chunks in registers; none for D = 256).
+    constexpr int VP = (C <= 16) ? ATT_TILE / KG : 1;
     for (int tile = start; tile < end; tile += ATT_TILE) {
         const int n = min(ATT_TILE, end - tile);
+        uint4 vpre[VP];
+        if (C <= 16) {
+#pragma unroll
+            for (int j = 0; j < VP; ++j) {
+                const int i = kg + j * KG;
+                if (i < n) {
+                    const int pos = tile + i;
+                    const int slot = bt[pos / block_size] * block_size + pos % block_size;
+                    vpre[j] = *reinterpret_cast<const uint4*>(v_cache + slot * row_stride +
+                                                              (size_t)kvh * D + ch * 8);
+                }
+            }
+        }
         // Scores: one key per thread (its whole K row in flight at once).
         {
             const int i = threadIdx.x;
@@ -114,18 +131,37 @@ __device__ __forceinline__ void attention_impl(
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[g][j] *= a;
         }
+        if (C <= 16) {
+#pragma unroll
+            for (int j = 0; j < VP; ++j) {
+                const int i = kg + j * KG;
+                if (i < n) {
+                    float v[8];
+                    unpack8(vpre[j], v);
+#pragma unroll
+                    for (int g = 0; g < ATT_GMAX; ++g) {
+                        if (g < G) {
+                            const float p = sc[g][i];
+#pragma unroll
+                            for (int jj = 0; jj < 8; ++jj) acc[g][jj] = fmaf(p, v[jj], acc[g][jj]);
+                        }
+                    }
+                }
+            }
+        } else {
 #pragma unroll 4
-        for (int i = kg; i < n; i += KG) {
-            const uint4 vv = *reinterpret_cast<const uint4*>(v_cache + slot_s[i] * row_stride +
-                                                              (size_t)kvh * D + ch * 8);
-            float v[8];
-            unpack8(vv, v);
+            for (int i = kg; i < n; i += KG) {
+                const uint4 vv = *reinterpret_cast<const uint4*>(v_cache + slot_s[i] * row_stride +
+                                                                  (size_t)kvh * D + ch * 8);
+                float v[8];
+                unpack8(vv, v);
 #pragma unroll
-            for (int g = 0; g < ATT_GMAX; ++g) {
-                if (g < G) {
-                    const float p = sc[g][i];
+                for (int g = 0; g < ATT_GMAX; ++g) {
+                    if (g < G) {
+                        const float p = sc[g][i];
 #pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[g][j] = fmaf(p, v[j], acc[g][j]);
+                        for (int jj = 0; jj < 8; ++jj) acc[g][jj] = fmaf(p, v[jj], acc[g][jj]);
+                    }
                 }
             }
         }

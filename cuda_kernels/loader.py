@@ -159,9 +159,13 @@ class Kernels:
     def fn(self, name: str) -> Any:
         f = self._funcs.get(name)
         if f is None:
-            for mod in self._modules.values():
+            # Look the name up in the cubins' symbol strings first: asking every module would
+            # make the driver report failed lookups (compute-sanitizer counts those as errors).
+            needle = name.encode() + b"\x00"
+            owners = [m for m, p in self.built.cubins.items() if needle in p.read_bytes()]
+            for mod in owners:
                 try:
-                    f = mod.get_function(name)
+                    f = self._modules[mod].get_function(name)
                     break
                 except self._cuda.LogicError:
                     continue

@@ -24,6 +24,7 @@ import numpy as np
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.cuda_plan import (
+    ATT_THREADS,
     GEMV_MAX_TOKENS,
     GEMV_THREADS,
     InputLayout,
@@ -503,7 +504,8 @@ class CudaBackend:
                 self._launch("rope+kv", "rope_kv_write", (T, 1, 1), (128, 1, 1), qkvb, qkv, pos,
                              slots, int(self._inv_freq), kc, vc, c.num_heads, c.num_kv_heads,
                              c.head_dim, 0)  # fmt: skip
-            self._launch("attention", self._att_name, (T, c.num_kv_heads, nsplit), (128, 1, 1),
+            self._launch("attention", self._att_name, (T, c.num_kv_heads, nsplit),
+                         (ATT_THREADS, 1, 1),
                          qkvb, qkv, kc, vc, bt, layout.width, tok_seq, pos, attn, qd,
                          int(self._part_o), int(self._part_ml), int(self._counters), c.num_heads,
                          c.num_kv_heads, c.head_dim, self.block_size, self._scale)  # fmt: skip

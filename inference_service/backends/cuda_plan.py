@@ -14,6 +14,7 @@ GEMV_THREADS = 128
 SM_REGS, SM_SMEM, SM_MAX_BLOCKS, SM_MAX_WARPS, SMEM_PER_BLOCK_RESERVED = 65536, 233472, 32, 64, 1024
 GEMM_BK, GEMM_SKEW, GEMM_STAGES = 64, 8, 3  # gemm.cu
 ATT_GMAX = 8  # attention.cu: query heads per kv head
+ATT_THREADS = 256  # attention.cu: threads per block = keys per tile
 ATT_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention_d{D}
 ATT_MIN_KEYS_PER_SPLIT = 256
 KV_DTYPE_BYTES = 2  # bf16 cache

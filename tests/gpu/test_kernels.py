@@ -301,7 +301,7 @@ def test_paged_attention(K, H, KVH, D, nsplit):
     part_ml = dev(K, np.zeros(T * H * nsplit * 2, np.float32))
     counters = dev(K, np.zeros(T * KVH, np.int32))
     for _ in range(2):  # twice: the counters must be reset by the first launch
-        launch(K, attention_kernel(D), "PiPPPiPPPiPPPiiiif", (T, KVH, nsplit), (128, 1, 1),
+        launch(K, attention_kernel(D), "PiPPPiPPPiPPPiiiif", (T, KVH, nsplit), (256, 1, 1),
                dev(K, qkv), qkv_dim, dev(K, kc), dev(K, vc), dev(K, tables), W, dev(K, tok_seq),
                dev(K, pos), out, H * D, part_o, part_ml, counters, H, KVH, D, bs,
                float(1 / np.sqrt(D)))  # fmt: skip
