@@ -217,8 +217,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     tok_addr = f"{args.host}:{args.tokenizer_port}"
     inf_addr = f"{args.host}:{args.port}"
     base = [sys.executable, "-m", "kuiper_client.cli"]
+    tok_metrics = args.metrics_port + 1 if args.metrics_port > 0 else -1
     tok_cmd = base + ["serve-tokenizer", "--model", str(model), "--host", args.host,
-                      "--port", str(args.tokenizer_port)]  # fmt: skip
+                      "--port", str(args.tokenizer_port), "--metrics-port", str(tok_metrics)]  # fmt: skip
     inf_cmd = base + [
         "serve-inference", "--model", str(model), "--device", args.device, "--host", args.host,
         "--port", str(args.port), "--tokenizer-address", tok_addr,
@@ -263,11 +264,17 @@ def cmd_up(args: argparse.Namespace) -> int:
                 return 1
         print(f"tokenizer service: {tok_addr}", flush=True)
         print(f"inference service: {inf_addr}  (model {model})", flush=True)
-        if args.metrics_port:
-            print(f"metrics: http://{args.host}:{args.metrics_port}/metrics", flush=True)
+        if args.metrics_port > 0:
+            print(f"metrics: http://{args.host}:{args.metrics_port}/metrics (inference), "
+                  f"http://{args.host}:{tok_metrics}/metrics (tokenizer)", flush=True)  # fmt: skip
         print(f'try: kuiper generate --address {inf_addr} "Once upon a time"', flush=True)
         if args.demo is not None:
-            _run_demo(inf_addr, args.demo, args.demo_max_new_tokens)
+            try:
+                _run_demo(inf_addr, args.demo, args.demo_max_new_tokens)
+            except Exception as exc:  # a failed demo must still stop both services
+                print(f"\nkuiper up: demo failed: {exc}", file=sys.stderr)
+                _stop(list(reversed(procs)))
+                return 1
         if not args.exit_after_demo:
             print("serving; Ctrl-C to stop", flush=True)
             while all(p.poll() is None for p in procs):

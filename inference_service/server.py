@@ -394,7 +394,10 @@ async def serve(cfg: ServerConfig) -> int:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    t0 = time.monotonic()
+    print(f"loading model {cfg.model or '(default)'} ...", flush=True)
     engine, model = await asyncio.to_thread(_build_engine, cfg)
+    print(f"loaded {model.source} in {time.monotonic() - t0:.1f}s", flush=True)
     engine.start()
     tokenizer = TokenizerClient(cfg.tokenizer_address, timeout_s=cfg.tokenizer_timeout_s)
     metrics = InferenceMetrics()
@@ -407,14 +410,16 @@ async def serve(cfg: ServerConfig) -> int:
     if bound == 0:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
     await server.start()
-    if cfg.metrics_port:
+    if cfg.metrics_port > 0:
         metrics.serve(cfg.metrics_port)
 
     # Warm up: one tiny generation, so the first client does not pay for lazy setup.
+    t0 = time.monotonic()
     warm_prompt = [engine.backend.config.bos_token_id or 0]
     await asyncio.to_thread(
         engine.generate, [warm_prompt], SamplingParams(max_new_tokens=2, temperature=0.0), 600
     )
+    print(f"warm-up done in {time.monotonic() - t0:.1f}s", flush=True)
     stop_ids_task = asyncio.create_task(_stop_ids_from_tokenizer(engine, tokenizer))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -422,7 +427,7 @@ async def serve(cfg: ServerConfig) -> int:
         f"inference service: {model.source} on {engine.backend.device_name}, "
         f"{engine.num_blocks} KV blocks x {engine.block_manager.block_size} tokens; "
         f"listening on {cfg.host}:{bound}"
-        + (f", metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port else "")
+        + (f", metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port > 0 else "")
         + f", tokenizer at {tokenizer.address}",
         flush=True,
     )

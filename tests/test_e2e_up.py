@@ -1,0 +1,83 @@
+"""`kuiper up`: both services as processes, the README's demo command, clean stop."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+from servers import free_port, health_status, kuiper_command, server_env
+from serving_stack import tiny_model  # noqa: F401  (fixture)
+
+from inference_service.engine.sampling_params import SamplingParams
+
+
+def up_command(*extra: str) -> list[str]:
+    return kuiper_command(
+        "up", "--port", str(free_port()), "--tokenizer-port", str(free_port()),
+        "--metrics-port", "0", *extra,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_up_demo_streams_the_default_model_answer(smollm2_gguf, tmp_path):
+    """The README main command (`kuiper up --demo PROMPT`), non-interactively."""
+    from inference_service.llm import LLM
+
+    prompt = "Once upon a time"
+    env = server_env({"KUIPER_HOME": str(smollm2_gguf.parent.parent)})  # the cached model
+    out = subprocess.run(
+        up_command("--demo", prompt, "--demo-max-new-tokens", "8", "--exit-after-demo"),
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    # The demo samples with temperature 0.7, top_p 0.9, seed 0: seeded, so reproducible.
+    llm = LLM(smollm2_gguf, device="cpu")
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, seed=0)
+    want = "".join(c.text for c in llm.generate(prompt, params))
+    assert want.strip()
+    assert f"\n{prompt}{want}\n" in out.stdout
+    assert "tokenizer service: 127.0.0.1:" in out.stdout
+    assert "inference service: 127.0.0.1:" in out.stdout
+    assert out.stdout.rstrip().endswith("stopped")
+
+
+def test_up_serves_until_sigint_then_stops_both(tiny_model):  # noqa: F811
+    inf_port, tok_port = free_port(), free_port()
+    cmd = kuiper_command(
+        "up", "--model", str(tiny_model), "--device", "cpu", "--port", str(inf_port),
+        "--tokenizer-port", str(tok_port), "--metrics-port", "0",
+    )  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=server_env())  # fmt: skip
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("serving;"):
+                break
+        assert lines and lines[-1].startswith("serving;"), "".join(lines)
+        assert health_status(f"127.0.0.1:{inf_port}") == 1  # SERVING
+        assert health_status(f"127.0.0.1:{tok_port}") == 1
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+        assert health_status(f"127.0.0.1:{inf_port}") is None  # both gone
+        assert health_status(f"127.0.0.1:{tok_port}") is None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("bad", [["--model", "/nonexistent/model.gguf"]])
+def test_up_reports_a_bad_model(bad):
+    out = subprocess.run(up_command(*bad), capture_output=True, text=True, env=server_env(),
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 1
+    assert "model not found" in out.stderr
