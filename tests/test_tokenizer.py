@@ -12,6 +12,7 @@ import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizer_models import (
     CHATML_TEMPLATE,
     LLAMA2_TEMPLATE,
@@ -367,6 +368,19 @@ def test_incremental_random_chunks(models, smollm2, hf_byte_fallback):
                 chunks.append(min(left, rng.randint(0, 4)))
                 left -= chunks[-1]
             assert _stream(tok, ids, chunks)[0] == tok.decode(ids)
+
+
+@PROPERTY
+@given(text=text_strategy, data=st.data())
+def test_incremental_equals_decode_random(models, smollm2, hf_byte_fallback, text, data):
+    for tok in _all_tokenizers(models, smollm2, hf_byte_fallback):
+        ids = tok.encode(text)
+        chunks, left = [], len(ids)
+        while left:
+            chunks.append(data.draw(st.integers(1, min(left, 5))))
+            left -= chunks[-1]
+        for skip in (False, True):
+            assert _stream(tok, ids, chunks, skip=skip)[0] == tok.decode(ids, skip)
 
 
 def test_incremental_holds_back_split_characters(smollm2):
