@@ -168,15 +168,25 @@ __device__ __forceinline__ void attention_impl(
         __syncthreads();
     }
 
-    // Sum the KG key groups' partial outputs in shared memory (qs is free now).
+    // Sum the KG key groups' partial outputs: first across the key groups inside each warp
+    // (lanes ch, ch + C, ... hold the same dims) with shuffles, then one shared-memory add per
+    // warp (qs is free now). Shared atomics straight from every thread would serialize KG ways.
     float* osum = qs;
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) osum[i] = 0.f;
     __syncthreads();
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; ++g)
-        if (g < G)
 #pragma unroll
-            for (int j = 0; j < 8; ++j) atomicAdd(&osum[g * D + ch * 8 + j], acc[g][j]);
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int o = C; o < 32; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
+    if (lane < C || C >= 32) {
+#pragma unroll
+        for (int g = 0; g < ATT_GMAX; ++g)
+            if (g < G)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) atomicAdd(&osum[g * D + ch * 8 + j], acc[g][j]);
+    }
     __syncthreads();
 
     if (nsplit == 1) {
