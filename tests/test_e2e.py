@@ -289,3 +289,16 @@ def test_generate_and_chat_commands(stack, llm):
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": "what next"}]
     second = "".join(c.text for c in llm.chat(history, params))
     assert chat.stdout == f"> hello\n{first}\n> what next\n{second}\n"
+
+
+def test_reflection_and_health(stack):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+    from servers import health_status
+
+    with grpc.insecure_channel(stack.address) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "kuiper.v1.InferenceService" in services
+    assert "grpc.health.v1.Health" in services
+    assert health_status(stack.address, "kuiper.v1.InferenceService") == 1  # SERVING

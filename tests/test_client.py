@@ -1,0 +1,126 @@
+"""The Python client library against a scripted in-process server: retries on UNAVAILABLE
+only before the first token, deadlines, error mapping, chat/request building."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from kuiper.v1 import inference_pb2 as ipb
+from kuiper.v1 import inference_pb2_grpc as igrpc
+from kuiper_client import AsyncKuiperClient, KuiperClient, KuiperError
+
+
+class Scripted(igrpc.InferenceServiceServicer):
+    def __init__(self):
+        self.calls = 0
+        self.fail_first = 0  # UNAVAILABLE before any token, this many times
+        self.fail_after_token = False
+        self.requests: list = []
+        self.slow = False
+
+    def Generate(self, request, context):
+        self.calls += 1
+        self.requests.append(request)
+        if self.calls <= self.fail_first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
+        yield ipb.GenerateResponse(token_ids=[7], text="a")
+        if self.fail_after_token:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "went away mid-stream")
+        if self.slow:
+            time.sleep(2)
+        yield ipb.GenerateResponse(
+            token_ids=[8], text="b", finish_reason=ipb.FINISH_REASON_LENGTH,
+            usage=ipb.Usage(prompt_tokens=3, completion_tokens=2, time_to_first_token_s=0.5),
+        )  # fmt: skip
+
+    def Chat(self, request, context):
+        self.requests.append(request)
+        yield ipb.GenerateResponse(token_ids=[1], text="ok", finish_reason=ipb.FINISH_REASON_EOS)
+
+    def GetModelInfo(self, request, context):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nope")
+
+
+@pytest.fixture
+def server():
+    servicer = Scripted()
+    srv = grpc.server(futures.ThreadPoolExecutor(4))
+    igrpc.add_InferenceServiceServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield servicer, f"127.0.0.1:{port}"
+    srv.stop(0)
+
+
+def test_retries_unavailable_before_the_first_token(server):
+    servicer, address = server
+    servicer.fail_first = 2
+    with KuiperClient(address, retries=3, backoff=0.01) as client:
+        done = client.complete("hi", max_new_tokens=2, temperature=0.0, seed=5, stop=["x"])
+    assert servicer.calls == 3
+    assert done.token_ids == [7, 8] and done.text == "ab" and done.finish_reason == "length"
+    assert done.usage.prompt_tokens == 3 and done.usage.time_to_first_token_s == 0.5
+    req = servicer.requests[-1]
+    assert req.text == "hi" and req.sampling.max_new_tokens == 2
+    assert req.sampling.HasField("temperature") and req.sampling.temperature == 0.0
+    assert req.sampling.seed == 5 and list(req.sampling.stop) == ["x"]
+    assert not req.sampling.HasField("top_p")  # unset: the server's default
+
+
+def test_gives_up_after_the_retries(server):
+    servicer, address = server
+    servicer.fail_first = 10
+    with KuiperClient(address, retries=2, backoff=0.01) as client, pytest.raises(KuiperError) as e:
+        client.complete("hi")
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and "starting up" in e.value.message
+    assert servicer.calls == 3
+
+
+def test_no_retry_once_tokens_arrived(server):
+    servicer, address = server
+    servicer.fail_after_token = True
+    got = []
+    with KuiperClient(address, retries=3, backoff=0.01) as client, pytest.raises(KuiperError):
+        for chunk in client.generate([1, 2, 3]):
+            got.append(chunk)
+    assert servicer.calls == 1  # a retry would repeat tokens the caller already has
+    assert [c.token_ids for c in got] == [[7]]
+    assert list(servicer.requests[0].token_ids.ids) == [1, 2, 3]
+
+
+def test_deadline(server):
+    servicer, address = server
+    servicer.slow = True
+    with KuiperClient(address, timeout=0.5) as client, pytest.raises(KuiperError) as e:
+        client.complete("hi")
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_errors_map_to_kuiper_error(server):
+    _, address = server
+    with KuiperClient(address) as client, pytest.raises(KuiperError) as e:
+        client.model_info()
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.message == "nope"
+
+
+def test_async_client_retries_and_builds_chat(server):
+    servicer, address = server
+    servicer.fail_first = 1
+
+    async def main():
+        async with AsyncKuiperClient(address, retries=2, backoff=0.01) as client:
+            text = await client.complete("hi")
+            chat = [
+                c async for c in client.chat([("system", "s"), {"role": "user", "content": "u"}])
+            ]
+            return text, chat
+
+    done, chat = asyncio.run(main())
+    assert done.text == "ab" and servicer.calls == 2
+    assert chat[-1].finish_reason == "eos"
+    msgs = servicer.requests[-1].messages
+    assert [(m.role, m.content) for m in msgs] == [("system", "s"), ("user", "u")]
