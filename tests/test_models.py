@@ -96,11 +96,13 @@ def test_gguf_f32_matches_transformers(which, request, tmp_path):
     assert rel_err(our_logits(model, IDS), hf_logits(hf, IDS)[-1]) < 1e-4
 
 
-@pytest.mark.parametrize("qtype,tol", [("F16", 1e-3), ("Q8_0", 1e-2), ("Q4_0", 0.15)])
+@pytest.mark.parametrize(
+    "qtype,tol", [("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 1e-2), ("Q4_0", 0.15), ("Q4_1", 0.15)]
+)
 def test_gguf_quantized_weights_close_to_hf(llama, tmp_path, qtype, tol):
     _, hf = llama
     model = load_model(write_gguf(hf, tmp_path / "m.gguf", qtype))
-    assert model.dtype == qtype.replace("F16", "float16")
+    assert model.dtype == {"F16": "float16", "BF16": "bfloat16"}.get(qtype, qtype)
     for name, ref in hf_state(hf).items():
         arr = model.weights[name]
         assert arr.dtype in (np.float32, np.float16)
