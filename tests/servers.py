@@ -50,9 +50,21 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def health_status(address: str, service: str = "", timeout: float = 1.0) -> int | None:
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A plaintext channel, or a TLS one when `credentials` are given."""
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
+def health_status(
+    address: str,
+    service: str = "",
+    timeout: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> int | None:
     """The server's health status for `service`, or None when it does not answer."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -64,8 +76,16 @@ def health_status(address: str, service: str = "", timeout: float = 1.0) -> int 
 class ServerProcess:
     """A server subprocess. Use as a context manager to be sure it is gone afterwards."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, host: str) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen,
+        port: int,
+        log_path: Path,
+        host: str,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.proc = proc
+        self.credentials = credentials
         self.port = port
         self.host = host
         self.log_path = log_path
@@ -90,10 +110,8 @@ class ServerProcess:
                     f"server exited with code {self.proc.returncode} before serving:\n"
                     f"{self.log_text()}"
                 )
-            if (
-                health_status(self.address, service, timeout=0.5)
-                == health_pb2.HealthCheckResponse.SERVING
-            ):
+            status = health_status(self.address, service, 0.5, self.credentials)
+            if status == health_pb2.HealthCheckResponse.SERVING:
                 return self
             time.sleep(0.05)
         self.kill()
@@ -135,12 +153,14 @@ def start_server(
     host: str = "127.0.0.1",
     log_path: Path | None = None,
     health_service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
     """Start `args` (a full argv, e.g. from kuiper_command) that will listen on `port`.
 
     With wait=True (default) return once gRPC health says SERVING; with wait=False return at
     once, so several servers can start side by side, then call `wait_ready()` on each.
-    `env` defaults to this environment with the repo on PYTHONPATH.
+    `env` defaults to this environment with the repo on PYTHONPATH. `credentials`: channel
+    credentials for a TLS server's health probe.
     """
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix=f"server-{port}-", suffix=".log")
@@ -155,7 +175,7 @@ def start_server(
             env=env if env is not None else server_env(),
             cwd=REPO_ROOT,
         )
-    server = ServerProcess(proc, port, log_path, host)
+    server = ServerProcess(proc, port, log_path, host, credentials)
     if wait:
         try:
             server.wait_ready(timeout, health_service)

@@ -570,3 +570,88 @@ def test_cli_help_explains_every_command():
         # Every option of the command has its own explanation.
         for action in subparsers.choices[command]._actions:
             assert action.help, (command, action.dest)
+
+
+# ---- TLS and bearer token -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_and_bearer_token(served, tls_files):
+    cert, key = tls_files
+    s = served["sp_bpe"]
+    port = free_port()
+    token = "s3cret-token"
+    args = kuiper_command(
+        "serve-tokenizer", "--model", str(s.path), "--port", str(port), "--metrics-port", "-1",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    )  # fmt: skip
+    env = server_env({"KUIPER_AUTH_TOKEN": token})
+    tls = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    # Health answers without the token (probes), over TLS.
+    with start_server(args, port, env=env, credentials=tls) as server:
+        with grpc.secure_channel(server.address, tls) as channel:
+            stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+            request = pb.EncodeRequest(texts=["secure hello"])
+            err = _code(lambda: stub.Encode(request, timeout=10))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            wrong = (("authorization", "Bearer nope"),)
+            err = _code(lambda: stub.Encode(request, timeout=10, metadata=wrong))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            stream = [pb.DecodeStreamRequest(sequences=[pb.SequenceIds(sequence_id=1, ids=[5])])]
+            err = _code(lambda: list(stub.DecodeStream(iter(stream), timeout=10)))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            good = (("authorization", f"Bearer {token}"),)
+            reply = stub.Encode(request, timeout=10, metadata=good)
+            assert list(reply.results[0].ids) == s.encode("secure hello")
+        # A plaintext client cannot talk to the TLS port.
+        with grpc.insecure_channel(server.address) as plain:
+            err = _code(
+                lambda: tokenizer_pb2_grpc.TokenizerServiceStub(plain).Encode(
+                    pb.EncodeRequest(texts=["x"]), timeout=5, metadata=good
+                )
+            )
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+        # The CLI: TLS with our CA, token from the environment or the flag.
+        base = ["encode", "--address", f"localhost:{port}", "--tls-ca", str(cert)]
+        ok = subprocess.run(
+            kuiper_command(*base, "secure hello"), env=env, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout) == s.encode("secure hello")
+        denied = _kuiper(*base, "--auth-token", "wrong", "x")
+        assert denied.returncode == 1 and "bearer token" in denied.stderr
+        assert "Traceback" not in denied.stderr
+        assert server.stop() == 0, server.log_text()
+
+
+def test_bearer_token_on_plaintext(served):
+    s = served["sp_unigram"]
+    port = free_port()
+    args = kuiper_command(
+        "serve-tokenizer", "--model", str(s.path), "--port", str(port), "--metrics-port", "-1",
+        "--auth-token", "tok",
+    )  # fmt: skip
+    with start_server(args, port) as server:
+        address = server.address
+        assert _kuiper("encode", "--address", address, "hi").returncode == 1
+        ok = _kuiper("encode", "--address", address, "--auth-token", "tok", "hi")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout) == s.encode("hi")
+        assert server.stop() == 0

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from tokenizer_service.defaults import (
+    AUTH_TOKEN_ENV,
     DEFAULT_ADDRESS,
     DEFAULT_GRACE_S,
     DEFAULT_HOST,
@@ -52,48 +53,84 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight calls get to finish after SIGTERM/SIGINT "
         f"(default {DEFAULT_GRACE_S:g})",
     )
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get(AUTH_TOKEN_ENV),
+        help="require the metadata 'authorization: Bearer TOKEN' on every call but health and "
+        f"reflection (default ${AUTH_TOKEN_ENV}; prefer the variable, arguments show in ps)",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from tokenizer_service.server import serve
+    from tokenizer_service.server import Security, serve
 
-    metrics_port = (
-        None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
-    )
-    return serve(args.model, args.host, args.port, metrics_port, args.grace)
+    metrics_port = None if args.metrics_port < 0 else args.metrics_port
+    security = Security(args.tls_cert, args.tls_key, args.auth_token or None)
+    return serve(args.model, args.host, args.port, metrics_port, args.grace, security)
 
 
-def _address_argument(parser: argparse.ArgumentParser) -> None:
+def _client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
         default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
         help=f"tokenizer service HOST:PORT (default ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    parser.add_argument(
+        "--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA certificate"
+    )
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get(AUTH_TOKEN_ENV),
+        help=f"bearer token the server requires (default ${AUTH_TOKEN_ENV})",
+    )
 
 
-def _stub(address: str) -> tuple[Any, Any]:
+def _stub(args: argparse.Namespace) -> tuple[Any, Any, tuple]:
     import grpc
     from kuiper.v1 import tokenizer_pb2_grpc
 
-    channel = grpc.insecure_channel(
-        address, options=[("grpc.max_receive_message_length", 256 << 20)]
-    )
-    return channel, tokenizer_pb2_grpc.TokenizerServiceStub(channel)
+    from tokenizer_service.auth import bearer_metadata, channel_credentials
+
+    options = [("grpc.max_receive_message_length", 256 << 20)]
+    metadata: tuple = ()
+    if args.tls or args.tls_ca:
+        creds = channel_credentials(args.tls_ca, args.auth_token)
+        channel = grpc.secure_channel(args.address, creds, options=options)
+    else:  # call credentials need TLS; on plaintext the token travels as metadata
+        channel = grpc.insecure_channel(args.address, options=options)
+        metadata = bearer_metadata(args.auth_token)
+    return channel, tokenizer_pb2_grpc.TokenizerServiceStub(channel), metadata
 
 
-def _call(address: str, fn: Any) -> tuple[Any, int]:
+def _call(args: argparse.Namespace, fn: Any) -> tuple[Any, int]:
     """Run one RPC; turn gRPC failures into one readable line on stderr and exit code 1."""
     import grpc
 
-    channel, stub = _stub(address)
+    address = args.address
     try:
-        return fn(stub), 0
+        channel, stub, metadata = _stub(args)
+    except OSError as exc:
+        print(f"error: cannot read the TLS CA certificate: {exc}", file=sys.stderr)
+        return None, 2
+    try:
+        return fn(stub, metadata), 0
     except grpc.RpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.UNAVAILABLE:
             print(
                 f"error: cannot reach the tokenizer service at {address} ({exc.details()}).\n"
                 "Start it with `kuiper serve-tokenizer`, or point --address at a running one.",
+                file=sys.stderr,
+            )
+        elif code == grpc.StatusCode.UNAUTHENTICATED:
+            print(
+                f"error: the tokenizer service at {address} wants a bearer token: "
+                f"pass --auth-token or set ${AUTH_TOKEN_ENV} ({exc.details()})",
                 file=sys.stderr,
             )
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -110,7 +147,9 @@ def _encode(args: argparse.Namespace) -> int:
 
     text = sys.stdin.read() if args.text == "-" else args.text
     request = pb.EncodeRequest(texts=[text], add_special_tokens=not args.no_special_tokens)
-    reply, rc = _call(args.address, lambda stub: stub.Encode(request, timeout=CALL_TIMEOUT_S))
+    reply, rc = _call(
+        args, lambda stub, md: stub.Encode(request, timeout=CALL_TIMEOUT_S, metadata=md)
+    )
     if rc == 0:
         print(json.dumps(list(reply.results[0].ids)))
     return rc
@@ -144,7 +183,9 @@ def _decode(args: argparse.Namespace) -> int:
     request = pb.DecodeRequest(
         sequences=[pb.TokenIds(ids=token_ids)], skip_special_tokens=args.skip_special_tokens
     )
-    reply, rc = _call(args.address, lambda stub: stub.Decode(request, timeout=CALL_TIMEOUT_S))
+    reply, rc = _call(
+        args, lambda stub, md: stub.Decode(request, timeout=CALL_TIMEOUT_S, metadata=md)
+    )
     if rc == 0:
         print(reply.texts[0])
     return rc
@@ -167,7 +208,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Encode TEXT with the tokenizer service and print the token ids as a JSON "
         "list, e.g. `kuiper encode 'Hello world'` -> [19556, 905].",
     )
-    _address_argument(encode)
+    _client_arguments(encode)
     encode.add_argument(
         "--no-special-tokens",
         action="store_true",
@@ -182,7 +223,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Decode token ids with the tokenizer service and print the text, e.g. "
         '`kuiper decode 19556 905` or `kuiper decode "$(kuiper encode hi)"`.',
     )
-    _address_argument(decode)
+    _client_arguments(decode)
     decode.add_argument(
         "--skip-special-tokens",
         action="store_true",

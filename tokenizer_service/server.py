@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tokenizer_service.auth import BearerTokenInterceptor, server_credentials
 from tokenizer_service.defaults import (
     DEFAULT_GRACE_S,
     DEFAULT_HOST,
@@ -93,6 +94,10 @@ def _lenient_parser(message_type: Any, limits: Limits) -> Callable[[bytes], Any]
     return parse
 
 
+# 100 µs .. 5 s: 1, 2.5, 5 per decade.
+_LATENCY_BUCKETS = tuple(m * 10.0**e for e in range(-4, 1) for m in (1, 2.5, 5))
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -105,23 +110,7 @@ class Metrics:
             "kuiper_tokenizer_request_seconds",
             "Tokenizer RPC latency (unary calls; a DecodeStream counts per message).",
             ["method"],
-            buckets=(
-                0.0001,
-                0.00025,
-                0.0005,
-                0.001,
-                0.0025,
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1.0,
-                2.5,
-                5.0,
-            ),  # fmt: skip
+            buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
         self.tokens = Counter(
@@ -172,6 +161,9 @@ class TokenizerServicer:
             except ValueError as exc:  # InvalidRequest, out-of-range ids, template errors
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 await context.abort(code, str(exc))
+            except asyncio.CancelledError:  # the client went away or the server is stopping
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
                 log.exception("%s failed", method)
@@ -380,6 +372,15 @@ class TokenizerServicer:
 # ---- running -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Security:
+    """Optional TLS (PEM certificate chain + key) and a bearer token every call must carry."""
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None
+
+
 class ServeError(RuntimeError):
     """The server could not start (port taken, model unreadable); the message says why."""
 
@@ -410,17 +411,39 @@ async def serve_async(
     metrics_port: int | None = DEFAULT_METRICS_PORT,
     grace: float = DEFAULT_GRACE_S,
     limits: Limits | None = None,
+    security: Security | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain. Raises ServeError when it cannot start."""
     limits = limits or Limits()
+    security = security or Security()
     registry = CollectorRegistry()
-    servicer = TokenizerServicer(limits, Metrics(registry))
+    metrics = Metrics(registry)
+    servicer = TokenizerServicer(limits, metrics)
+    interceptors = []
+    if security.auth_token:
+        interceptors.append(
+            BearerTokenInterceptor(
+                security.auth_token,
+                on_reject=lambda m: metrics.requests.labels(
+                    m.rsplit("/", 1)[-1], "UNAUTHENTICATED"
+                ).inc(),
+            )
+        )
+    credentials = None
+    if security.tls_cert or security.tls_key:
+        if not (security.tls_cert and security.tls_key):
+            raise ServeError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        try:
+            credentials = server_credentials(security.tls_cert, security.tls_key)
+        except ValueError as exc:
+            raise ServeError(str(exc)) from None
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", TRANSPORT_MAX_MESSAGE),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent second server
-        ]
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -433,7 +456,10 @@ async def serve_async(
 
     address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise ServeError(f"cannot listen on {address} (is the port in use?): {exc}") from None
     if bound == 0:
@@ -446,7 +472,13 @@ async def serve_async(
             raise ServeError(f"cannot serve metrics on {host}:{metrics_port}: {exc}") from None
         log.info("metrics on http://%s:%d/metrics", host, metrics_http.server_port)
     await server.start()
-    log.info("gRPC listening on %s:%d (health NOT_SERVING until loaded)", host, bound)
+    log.info(
+        "gRPC listening on %s:%d (%s%s; health NOT_SERVING until loaded)",
+        host,
+        bound,
+        "TLS" if credentials else "plaintext",
+        ", bearer token required" if security.auth_token else "",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -492,6 +524,7 @@ def serve(
     port: int = DEFAULT_PORT,
     metrics_port: int | None = DEFAULT_METRICS_PORT,
     grace: float = DEFAULT_GRACE_S,
+    security: Security | None = None,
 ) -> int:
     """Run the tokenizer service in this process; returns the exit code (0 after a drain)."""
     if not logging.getLogger().handlers:
@@ -501,7 +534,7 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     try:
-        asyncio.run(serve_async(model_path, host, port, metrics_port, grace))
+        asyncio.run(serve_async(model_path, host, port, metrics_port, grace, security=security))
     except ServeError as exc:
         log.error("%s", exc)
         return 1
