@@ -120,10 +120,6 @@ class Tokenizer(ABC):
         self.validate_ids(ids)
         return self.decode_unchecked(ids, skip_special_tokens)
 
-    @property
-    def bos_token(self) -> str | None:
-        return self.special_tokens.get(self.bos_id) if self.bos_id is not None else None
-
     def _token_text(self, token_id: int | None) -> str | None:
         if token_id is None:
             return None
@@ -213,7 +209,7 @@ class _ByteTable:
         return text
 
 
-def _sentencepiece_byte_table(tokens: Sequence[str], special: Mapping[int, str], strip: bool):
+def _sentencepiece_byte_table(tokens: Sequence[str], special: set[int], strip: bool) -> _ByteTable:
     pieces = []
     for i, token in enumerate(tokens):
         if i in special:
@@ -447,7 +443,7 @@ def _load_sentencepiece(model_file: Path) -> SentencePieceTokenizer:
 
 
 def _load_gguf(gguf_file: Path) -> HFTokenizer:
-    from tokenizer_service.gguf_vocab import build_tokenizer, read_gguf_vocab
+    from tokenizer_service.gguf_vocab import TOKEN_CONTROL, build_tokenizer, read_gguf_vocab
 
     vocab = read_gguf_vocab(gguf_file)
     tok = build_tokenizer(vocab)
@@ -459,7 +455,11 @@ def _load_gguf(gguf_file: Path) -> HFTokenizer:
             else None
         )
 
-    result = HFTokenizer(
+    byte_table = None
+    if vocab.model == "llama":  # decode as sentencepiece / llama.cpp do (see _ByteTable)
+        control = {i for i, kind in enumerate(vocab.token_types or []) if kind == TOKEN_CONTROL}
+        byte_table = _sentencepiece_byte_table(vocab.tokens, control, vocab.add_space_prefix)
+    return HFTokenizer(
         tok,
         backend="gguf",
         source=str(gguf_file),
@@ -468,13 +468,8 @@ def _load_gguf(gguf_file: Path) -> HFTokenizer:
         pad_token=token(vocab.pad_id),
         unk_token=token(vocab.unk_id),
         chat_template=vocab.chat_template,
+        byte_table=byte_table,
     )
-    if vocab.model == "llama":
-        result._byte_table = _sentencepiece_byte_table(
-            vocab.tokens, result.special_tokens, vocab.add_space_prefix
-        )
-        result.grouped_byte_ids = frozenset()
-    return result
 
 
 def _is_gguf(path: Path) -> bool:
