@@ -17,6 +17,7 @@ from tokenizer_models import (
     CHATML_TEMPLATE,
     LLAMA2_TEMPLATE,
     SAMPLE_TEXTS,
+    build_bpe_gguf,
     build_hf_bpe,
     build_llama_gguf,
     build_sentencepiece,
@@ -167,6 +168,24 @@ def test_gguf_llama_vocab_matches_sentencepiece_random(models, text):
     ids = sp.encode(text)
     assert tok.encode(text, add_special_tokens=False) == ids
     assert tok.decode(ids) == sp.decode(ids)
+
+
+@pytest.mark.parametrize(
+    ("pre", "architecture"),
+    [("qwen2", "qwen2"), ("llama-bpe", "llama"), ("gpt-4o", "llama"), ("smollm", "llama")],
+)
+def test_gguf_bpe_pre_tokenizers_match_transformers(models, tmp_path, pre, architecture):
+    """Byte-level BPE GGUFs split text by the regex `tokenizer.ggml.pre` names."""
+    pytest.importorskip("transformers", reason="transformers is the GGUF oracle")
+    gguf_file = build_bpe_gguf(models["hf"], tmp_path / f"{pre}.gguf", pre, architecture)
+    ours = load_tokenizer(gguf_file)
+    theirs = transformers_gguf_tokenizer(gguf_file)
+    for text in SAMPLE_TEXTS + corpus_lines(100, seed=8):
+        assert ours.encode(text) == theirs.encode(text), text
+    # The regexes really differ: Qwen2 splits numbers into single digits, GPT-2 does not.
+    if pre == "qwen2":
+        default = load_tokenizer(build_bpe_gguf(models["hf"], tmp_path / "d.gguf", "default"))
+        assert ours.encode("12345") != default.encode("12345")
 
 
 # ---- SmolLM2 GGUF against transformers -----------------------------------------------------

@@ -211,3 +211,32 @@ def build_llama_gguf(sp_model: Path, out: Path, chat_template: str | None = None
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def build_bpe_gguf(hf_folder: Path, out: Path, pre: str, architecture: str = "llama") -> Path:
+    """A GGUF whose embedded vocabulary is the byte-level BPE of `hf_folder` (tokens, merges,
+    control tokens), named with the llama.cpp pre-tokenizer `pre`; no tensors."""
+    import gguf
+
+    data = json.loads((hf_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = dict(data["model"]["vocab"])
+    for added in data["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["content"] for a in data["added_tokens"] if a["special"]}
+    types = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    writer = gguf.GGUFWriter(str(out), architecture)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab["<|im_start|>"])
+    writer.add_eos_token_id(vocab["<|im_end|>"])
+    writer.add_add_bos_token(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
