@@ -458,11 +458,12 @@ def test_sigterm_drains_an_open_stream_then_exits_zero(served):
                 try:
                     with grpc.insecure_channel(server.address) as ch:
                         tokenizer_pb2_grpc.TokenizerServiceStub(ch).GetTokenizerInfo(
-                            pb.GetTokenizerInfoRequest(), timeout=1
+                            pb.GetTokenizerInfoRequest(), timeout=5
                         )
-                except grpc.RpcError:
-                    refused.set()
-                    return
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        refused.set()
+                        return
 
         prober = threading.Thread(target=probe)
         prober.start()
