@@ -95,6 +95,14 @@ def generate_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        return _chat_loop(args)
+    except KeyboardInterrupt:  # Ctrl-C ends the chat like EOF does
+        sys.stdout.write("\n")
+        return 0
+
+
+def _chat_loop(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     history: list[tuple[str, str]] = []
     if args.system:
