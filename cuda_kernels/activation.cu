@@ -3,6 +3,8 @@
 
 // grid: (ceil(inter / 8 / 256), T); block: 256. `inter` is a multiple of 8.
 extern "C" __global__ void swiglu(const bf16* __restrict__ gate_up, bf16* __restrict__ out, int inter) {
+    pdl_trigger();
+    pdl_wait();
     const int t = blockIdx.y;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;  // index of 8-wide vector
     if (i >= inter / 8) return;

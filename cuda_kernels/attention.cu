@@ -28,6 +28,8 @@ __device__ __forceinline__ void attention_impl(
     __shared__ float m_s[ATT_GMAX], l_s[ATT_GMAX], alpha_s[ATT_GMAX];
     __shared__ int last_s;
 
+    pdl_trigger();
+    pdl_wait();
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, nsplit = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int G = H / KVH, h0 = kvh * G;
@@ -176,10 +178,11 @@ __device__ __forceinline__ void attention_impl(
     __syncthreads();
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; ++g)
+        if (g < G)
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+            for (int j = 0; j < 8; ++j)
 #pragma unroll
-            for (int o = C; o < 32; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
+                for (int o = C; o < 32; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
     if (lane < C || C >= 32) {
 #pragma unroll
         for (int g = 0; g < ATT_GMAX; ++g)

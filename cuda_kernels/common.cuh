@@ -73,4 +73,12 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int idx) {
     return ((unsigned long long)float_key(v) << 32) | (unsigned long long)(0xffffffffu - (uint32_t)idx);
 }
 
+// Programmatic dependent launch (Hopper): a kernel launched with the programmatic-serialization
+// attribute may start while the previous kernel still runs. pdl_trigger() lets the next kernel
+// start its prologue now; pdl_wait() blocks until the previous kernel has finished and its
+// writes are visible. Every kernel waits before touching data an earlier kernel wrote (or
+// writing data an earlier kernel reads). Without the attribute both are no-ops.
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }

@@ -7,6 +7,8 @@ extern "C" __global__ void embedding_gather(const bf16* __restrict__ embed, cons
                                             float* __restrict__ out, int hidden, int vocab,
                                             unsigned long long* __restrict__ argmax_clear,
                                             int n_clear) {
+    pdl_trigger();
+    pdl_wait();
     const int t = blockIdx.x;
     int id = ids[t];
     id = (id < 0 || id >= vocab) ? 0 : id;  // the host validates ids; never read out of bounds

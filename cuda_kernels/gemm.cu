@@ -27,6 +27,8 @@ __device__ __forceinline__ void gemm_impl(const bf16* __restrict__ A, int lda,
                                           const bf16* __restrict__ W, int ldw, int M, int N,
                                           int K, void* __restrict__ C, int ldc, int mode,
                                           const float* __restrict__ bias) {
+    pdl_trigger();
+    pdl_wait();
     constexpr int THREADS = WARPS_M * WARPS_N * 32;
     constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;
     constexpr int FM = WTM / 16, FN = WTN / 16;

@@ -70,8 +70,11 @@ __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int
             }
         }
     };
-    // Start the first weight loads before staging x, so their latency overlaps it.
+    // Start the first weight loads before staging x, so their latency overlaps it -- and,
+    // under programmatic dependent launch, the previous kernel's tail (weights are read-only).
+    pdl_trigger();
     if (row < N) load(row, 0);
+    pdl_wait();
 
     // Stage the NT input rows as bf16 in shared memory.
     bf16* xs = reinterpret_cast<bf16*>(smem_x);

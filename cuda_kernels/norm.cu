@@ -7,6 +7,8 @@
 extern "C" __global__ void add_rmsnorm(float* __restrict__ resid, const void* __restrict__ add,
                                        int add_bf16, const float* __restrict__ weight,
                                        bf16* __restrict__ out, int hidden, float eps) {
+    pdl_trigger();
+    pdl_wait();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     float* r = resid + (size_t)t * hidden;

@@ -18,6 +18,8 @@ extern "C" __global__ void rope_kv_write(bf16* __restrict__ qkv, int qkv_stride,
                                          const float* __restrict__ inv_freq,
                                          bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
                                          int H, int KVH, int D, int mode) {
+    pdl_trigger();
+    pdl_wait();
     const int t = blockIdx.x;
     const float pos = (float)positions[t];
     const long long slot = slots[t];

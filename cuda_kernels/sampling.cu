@@ -17,6 +17,8 @@ __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v)
 // grid: R blocks; block: 1024 threads.
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int stride,
                                        int* __restrict__ out_ids) {
+    pdl_trigger();
+    pdl_wait();
     __shared__ unsigned long long red[32];
     const float* row = logits + (size_t)blockIdx.x * stride;
     unsigned long long best = 0ull;
@@ -37,6 +39,8 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
 // grid: 1; block: >= R.
 extern "C" __global__ void argmax_finish(const unsigned long long* __restrict__ keys, int R,
                                          int* __restrict__ out_ids) {
+    pdl_trigger();
+    pdl_wait();
     for (int i = threadIdx.x; i < R; i += blockDim.x)
         out_ids[i] = (int)(0xffffffffu - (uint32_t)(keys[i] & 0xffffffffull));
 }

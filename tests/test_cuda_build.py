@@ -207,7 +207,7 @@ def test_attention_kernel_and_splits():
         plan.attention_kernel(96)
     assert plan.attention_splits(512, 8, 512, 132, 32) == 1  # prefill: enough blocks already
     assert plan.attention_splits(1, 8, 8192, 132, 32) == 32  # batch-1 decode, long context
-    assert plan.attention_splits(1, 8, 300, 132, 32) == 2  # >= 256 keys per split
+    assert plan.attention_splits(1, 8, 100, 132, 32) == 4  # >= 32 keys per split
     assert plan.attention_splits(1, 1, 10**6, 132, 8) == 8  # partials buffer bound
 
 

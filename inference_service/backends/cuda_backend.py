@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +116,7 @@ class CudaBackend:
         max_tokens: int = 2048,
         max_batch: int = 256,
         use_graphs: bool = True,
+        use_pdl: bool = True,
         graph_buckets: tuple[int, ...] = DEFAULT_GRAPH_BUCKETS,
     ) -> None:
         import pycuda.driver as cuda
@@ -166,6 +168,9 @@ class CudaBackend:
         self._counters = None
         self._graphs: dict[tuple[int, int], Any] = {}
         self._prof: list | None = None
+        self.use_pdl = use_pdl
+        self._pdl = None
+        self._pdl_capture = False
         self._ws: _Workspace | None = None
         self._max_width = 1  # provisional; fixed after the pool is sized
         self._alloc_workspace(max_tokens)
@@ -204,6 +209,7 @@ class CudaBackend:
                 self._f[name] = self.kernels.fn(name).prepare(_GEMV_SIG)
             name = f"gemv_qkv_rope_t{t}"
             self._f[name] = self.kernels.fn(name).prepare(_GEMV_ROPE_SIG)
+        self._sig = {name: f.arg_format for name, f in self._f.items()}
         attr = self._cuda.function_attribute
         self._regs = {
             name: (f.get_attribute(attr.NUM_REGS), f.get_attribute(attr.SHARED_SIZE_BYTES))
@@ -423,17 +429,16 @@ class CudaBackend:
         key = (bucket, width)
         graph = self._graphs.get(key)
         if graph is None:
-            from inference_service.backends.cuda_graphs import capture
-
             self.stream.synchronize()
-            graph = capture(
-                self.stream.handle, lambda: self._launch_forward(layout, width * self.block_size)
-            )
+            graph = self._capture(lambda: self._launch_forward(layout, width * self.block_size))
             self._graphs[key] = graph
         graph.launch(self.stream.handle)
 
     def _launch(self, label: str, name: str, grid, block, *args, shared: int = 0) -> None:
         """Enqueue one kernel on self.stream; under profile_step(), between two events."""
+        if self._pdl_capture:
+            self._pdl.launch(name, self._sig[name], grid, block, self.stream.handle, args, shared)
+            return
         prof = self._prof
         if prof is not None:
             start, end = self._cuda.Event(), self._cuda.Event()
@@ -442,6 +447,29 @@ class CudaBackend:
         if prof is not None:
             end.record(self.stream)
             prof.append((label, start, end))
+
+    def _capture(self, record):
+        """A graph of record()'s launches: with programmatic dependent launch when available
+        (kernels overlap their prologue with the previous kernel's tail), else plain."""
+        from inference_service.backends.cuda_graphs import capture
+
+        if self.use_pdl:
+            try:
+                if self._pdl is None:
+                    from cuda_kernels.loader import BIG_SMEM_PREFIXES, MAX_DYNAMIC_SMEM
+                    from inference_service.backends.cuda_launch import PdlLauncher
+
+                    self._pdl = PdlLauncher(self.kernels.built.cubins, BIG_SMEM_PREFIXES,
+                                            MAX_DYNAMIC_SMEM)  # fmt: skip
+                self._pdl_capture = True
+                return capture(self.stream.handle, record)
+            except Exception as e:  # noqa: BLE001 - any failure: fall back to plain graphs
+                warnings.warn(f"CUDA graph capture with PDL failed ({e}); using plain graphs",
+                              stacklevel=2)  # fmt: skip
+                self.use_pdl = False
+            finally:
+                self._pdl_capture = False
+        return capture(self.stream.handle, record)
 
     def _gemv(self, label, tokens, W, n, k, x, xmode, x_stride, x_rows, norm, y, ymode,
               y_stride, bias=0, argmax=0, pair=False, rope=None) -> None:  # fmt: skip

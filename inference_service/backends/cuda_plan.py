@@ -16,7 +16,7 @@ GEMM_BK, GEMM_SKEW, GEMM_STAGES = 64, 8, 3  # gemm.cu
 ATT_GMAX = 8  # attention.cu: query heads per kv head
 ATT_THREADS = 256  # attention.cu: threads per block = keys per tile
 ATT_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention_d{D}
-ATT_MIN_KEYS_PER_SPLIT = 256
+ATT_MIN_KEYS_PER_SPLIT = 32  # a block's work is latency-bound: spread keys over SMs
 KV_DTYPE_BYTES = 2  # bf16 cache
 
 

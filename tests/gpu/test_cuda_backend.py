@@ -95,9 +95,21 @@ def test_graph_replay_equals_eager(tiny):
     graph = b.decode_logits_graph(batch)  # 3 rows padded to the 4-bucket
     again = b.decode_logits_graph(batch)  # replay rewrites the same KV slots
     eager = b.logits(batch)
+    assert b.use_pdl, "graph capture fell back from programmatic dependent launch"
     np.testing.assert_array_equal(graph, again)
     np.testing.assert_allclose(graph, eager, rtol=1e-4, atol=1e-4 * np.abs(eager).max())
     assert (graph.argmax(1) == eager.argmax(1)).all()
+
+
+def test_graph_without_pdl_equals_graph_with_pdl(tiny):
+    _, model = tiny
+    outs = []
+    for pdl in (True, False):
+        b = cuda_backend(model, use_pdl=pdl)
+        ids = prompt(30, 11)
+        b.logits([BatchItem(0, np.array(ids[:-1]), 0, list(range(4)))])
+        outs.append(b.decode_logits_graph([BatchItem(0, np.array(ids[-1:]), 10, list(range(4)))]))
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_batched_equals_one_by_one(tiny):
