@@ -134,6 +134,9 @@ class OutputRouter:
     def _fail(self, req: LiveRequest, code: grpc.StatusCode, message: str) -> None:
         if not req.done:
             self.engine.abort(req.request_id)
+            if req.opened_epoch is not None and req.opened_epoch == self.decoder.epoch:
+                self._closes.append(req.request_id)  # free its detokenizer state
+                self._wake.set()
             self._finish(req, Delta([], "", error=RpcError(code, message)))
 
     async def _process(self, outputs: list[RequestOutput], closes: list[int]) -> None:

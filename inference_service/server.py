@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -215,7 +216,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the KV cache "
                 f"({cap} tokens); ask for fewer tokens or give the server more --kv-memory"
             )
-        return SamplingParams(**{**params.__dict__, "max_new_tokens": max_new})
+        return dataclasses.replace(params, max_new_tokens=max_new)
 
     # ---- streaming -----------------------------------------------------------------------
     async def _serve(self, method: str, context, prompt_coro) -> AsyncIterator:

@@ -238,3 +238,29 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+def test_decodes_go_before_an_older_sequence_still_prefilling():
+    bs = 4
+    backend = FakeBackend(num_blocks=64, block_size=bs, vocab_size=VOCAB)
+    sched = Scheduler(
+        SchedulerConfig(max_batch_size=4, max_num_batched_tokens=8), BlockManager(64, bs)
+    )
+    long = make_seq(1, list(range(10, 50)), max_new=2, eos=())
+    short = make_seq(2, [5, 6], max_new=30, eos=())
+    # The long prompt was preempted and comes back first (front of the queue, older), with
+    # the short one decoding: the short one must still decode every step.
+    sched.add(short)
+    run_step(sched, backend)
+    sched.running.insert(0, long)  # as if admitted earlier and mid-prefill
+    long.status = SequenceStatus.RUNNING
+    assert sched.bm.grow(long, 0)
+    while long.num_computed_tokens < long.num_prompt_tokens:
+        before = len(short.output_ids)
+        out, _ = run_step(sched, backend)
+        assert {c.seq.seq_id: c.num_tokens for c in out.chunks}[2] == 1
+        assert len(short.output_ids) == before + 1
+    while sched.has_unfinished():
+        run_step(sched, backend)
+    assert long.output_ids == oracle_generate(long.prompt_ids, 2, VOCAB)
+    assert short.output_ids == oracle_generate(short.prompt_ids, 30, VOCAB)

@@ -2,10 +2,11 @@
 
 Every step:
 1. Drop cancelled sequences (their blocks go back to the pool at once).
-2. Running sequences first, oldest first: each gets its next chunk (one token when decoding,
-   up to the remaining token budget when still prefilling). When the KV pool runs dry, the
-   newest running sequence is preempted: its blocks are freed and it goes back to the front
-   of the waiting queue, to be recomputed later (cheaply, when its blocks are still cached).
+2. Running sequences first, decodes before prefill chunks: each gets its next chunk (one
+   token when decoding, up to the remaining token budget when still prefilling). When the KV
+   pool runs dry, the newest running sequence is preempted: its blocks are freed and it goes
+   back to the front of the waiting queue, to be recomputed later (cheaply, when its blocks
+   are still cached).
 3. If nothing was preempted, waiting sequences are admitted in arrival order while batch
    slots, free blocks and the token budget allow; a long prompt is split into chunks so the
    running streams keep decoding beside it.
@@ -123,20 +124,37 @@ class Scheduler:
         self._drop_cancelled(out)
         budget = self.config.max_num_batched_tokens
 
-        # Running sequences, oldest first; preempt from the newest end when blocks run out.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # Running sequences: decodes first (one token each, so a long prefill never starves
+        # them), then prefill chunks, oldest first. When blocks run out, preempt the newest
+        # sequence not yet scheduled in this step (possibly the one asking).
+        order = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        order += [s for s in self.running if s.num_uncomputed_tokens > 1]
+        scheduled: set[int] = set()
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
             want = min(seq.num_uncomputed_tokens, budget)
             n = self._fit_tokens(seq, want, self.bm.num_free_blocks)
-            while n == 0 and self.running[-1] is not seq:
-                victim = self.running.pop()
+            while n == 0:
+                victim = next(
+                    (
+                        v
+                        for v in reversed(self.running)
+                        if v is not seq and v.seq_id not in scheduled
+                    ),
+                    None,
+                )
+                if victim is None:
+                    break
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 n = self._fit_tokens(seq, want, self.bm.num_free_blocks)
             if n == 0:
-                self.running.pop(i)
-                if i == 0 and not out.chunks:
+                self.running.remove(seq)
+                if not self.running:
                     # Alone with the whole pool and still no room: it can never go on.
                     self._finish(seq, FinishReason.LENGTH)
                     out.finished.append(seq)
@@ -147,8 +165,8 @@ class Scheduler:
             ok = self.bm.grow(seq, seq.num_computed_tokens + n)
             assert ok
             out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            scheduled.add(seq.seq_id)
             budget -= n
-            i += 1
 
         if out.preempted:
             return out  # the pool is under pressure: admit nobody this step
