@@ -88,7 +88,8 @@ def test_batched_step_equals_one_by_one(tiny):
     different lengths gives the same logits as running each sequence alone."""
     _, model, _ = tiny
     seqs = {0: prompt(10, 13), 1: prompt(11, 5), 2: prompt(12, 30), 3: prompt(13, 22)}
-    done = {0: 0, 1: 4, 2: 29, 3: 10}  # tokens already in the cache before the step
+    seqs[4] = prompt(14, 17)
+    done = {0: 0, 1: 4, 2: 29, 3: 10, 4: 16}  # tokens already in the cache before the step
     tables = {s: [s * 10 + b for b in range(10)] for s in seqs}
 
     def run(backend: NumpyBackend, sids: list[int]) -> np.ndarray:
@@ -100,9 +101,10 @@ def test_batched_step_equals_one_by_one(tiny):
         ]
         return backend.logits(items)
 
-    batched = run(NumpyBackend(model, num_blocks=40, block_size=BLOCK), [0, 1, 2, 3])
-    for i, s in enumerate([0, 1, 2, 3]):
-        alone = run(NumpyBackend(model, num_blocks=40, block_size=BLOCK), [s])[0]
+    order = [2, 0, 4, 1, 3]  # three decodes (lengths 30, 17, 5) among two prefill chunks
+    batched = run(NumpyBackend(model, num_blocks=50, block_size=BLOCK), order)
+    for i, s in enumerate(order):
+        alone = run(NumpyBackend(model, num_blocks=50, block_size=BLOCK), [s])[0]
         np.testing.assert_allclose(batched[i], alone, rtol=1e-5, atol=1e-5)
 
 

@@ -11,6 +11,8 @@ sequences are concatenated); only attention loops over items, each reading its o
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from inference_service.backends.base import BatchItem
@@ -21,6 +23,37 @@ from inference_service.models.loader import LoadedModel
 from inference_service.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 KV_DTYPE = np.float32
+THREADS_ENV = "KUIPER_CPU_THREADS"
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the thread count of the OpenBLAS numpy uses (best effort; False if not found).
+
+    OpenBLAS threads spin while they wait: on a machine whose cores are busy with other
+    work (a server's gRPC threads, other processes) fewer BLAS threads can be much faster."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            libs = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:
+        return False
+    for lib_path in libs:
+        try:
+            lib = ctypes.CDLL(lib_path)
+        except OSError:
+            continue
+        for name in (
+            "scipy_openblas_set_num_threads64_",
+            "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads64_",
+            "openblas_set_num_threads",
+        ):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return True
+    return False
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int) -> int:
@@ -65,6 +98,9 @@ class NumpyBackend:
             raise ValueError(
                 f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}"
             )
+        threads = os.environ.get(THREADS_ENV)
+        if threads:
+            set_blas_threads(int(threads))
         c = model.config
         self.config = c
         self.num_blocks = num_blocks
@@ -143,6 +179,11 @@ class NumpyBackend:
         )
         bounds = np.cumsum([0] + [len(it.token_ids) for it in batch])
         cos, sin = rope_cos_sin(self.inv_freq, positions)
+        # Single-token (decode) items share one padded attention call per layer; prefill
+        # chunks attend one by one.
+        singles = [b for b, it in enumerate(batch) if len(it.token_ids) == 1]
+        decode = self._decode_plan(batch, singles, bounds) if len(singles) > 1 else None
+        chunked = [b for b in range(len(batch)) if decode is None or b not in set(singles)]
         n_tok = len(ids)
         x = self.embed[ids]  # [T, hidden]
         qd, kvd = self._q_dim, self._kv_dim
@@ -162,9 +203,13 @@ class NumpyBackend:
             kflat[slots] = k
             vflat[slots] = v
             attn = np.empty((n_tok, qd), dtype=np.float32)
-            for b, it in enumerate(batch):
+            for b in chunked:
                 lo, hi = bounds[b], bounds[b + 1]
+                it = batch[b]
                 attn[lo:hi] = self._attend(q[lo:hi], kc, vc, it.block_table, it.start_pos)
+            if decode is not None:
+                rows_d, tables, bias = decode
+                attn[rows_d] = self._attend_decode(q[rows_d], kc, vc, tables, bias)
             x = x + attn @ layer.wo.T
             h = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
             gu = h @ layer.wgu.T
@@ -174,6 +219,38 @@ class NumpyBackend:
         last = bounds[1:][rows] - 1 if rows else np.zeros(0, dtype=np.int64)
         h = rms_norm(x[last], self.final_norm, c.rms_norm_eps)
         return np.ascontiguousarray(h @ self.lm_head.T, dtype=np.float32)
+
+    def _decode_plan(
+        self, batch: list[BatchItem], singles: list[int], bounds: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token rows, block tables padded to one width [D, nb], additive mask [D, 1, 1, L])
+        for the single-token items of a step."""
+        bs = self.block_size
+        lengths = np.array([batch[b].start_pos + 1 for b in singles])
+        nb = int(-(-lengths.max() // bs))
+        tables = np.zeros((len(singles), nb), dtype=np.int64)  # pad with block 0: masked out
+        for r, b in enumerate(singles):
+            used = -(-int(lengths[r]) // bs)
+            tables[r, :used] = batch[b].block_table[:used]
+        bias = np.where(np.arange(nb * bs)[None, :] < lengths[:, None], 0.0, -np.inf)
+        return bounds[singles], tables, bias.astype(np.float32)[:, None, None, :]
+
+    def _attend_decode(
+        self, q: np.ndarray, kc: np.ndarray, vc: np.ndarray, tables: np.ndarray, bias: np.ndarray
+    ) -> np.ndarray:
+        """Attention of D single queries [D, heads, hd] over their padded block tables."""
+        c = self.config
+        d = q.shape[0]
+        group = c.num_heads // c.num_kv_heads
+        keys = kc[tables].reshape(d, -1, c.num_kv_heads, c.head_dim)  # [D, L, kv, hd]
+        vals = vc[tables].reshape(d, -1, c.num_kv_heads, c.head_dim)
+        qg = q.reshape(d, c.num_kv_heads, group, c.head_dim)
+        scores = (qg @ keys.transpose(0, 2, 3, 1)) * self._scale + bias  # [D, kv, group, L]
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = probs @ vals.transpose(0, 2, 1, 3)  # [D, kv, group, hd]
+        return out.reshape(d, c.num_heads * c.head_dim)
 
     def _attend(
         self,
