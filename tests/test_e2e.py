@@ -302,3 +302,19 @@ def test_reflection_and_health(stack):
     assert "kuiper.v1.InferenceService" in services
     assert "grpc.health.v1.Health" in services
     assert health_status(stack.address, "kuiper.v1.InferenceService") == 1  # SERVING
+
+
+def test_repeated_prompt_reuses_cached_prefix_blocks(stack, llm):
+    prompt = "the quick brown fox jumps over the lazy dog " * 6
+    n = len(llm.encode(prompt))
+    block = 8  # --block-size of this stack
+    before = stack.metrics()["kuiper_inference_prefix_cache_hit_blocks"]
+    with KuiperClient(stack.address, timeout=60) as client:
+        first = client.complete(prompt, max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        second = client.complete(prompt, max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    assert first.token_ids == second.token_ids
+    assert first.usage.cached_prompt_tokens == 0
+    # Every full block but the one holding the last prompt token comes from the cache.
+    assert second.usage.cached_prompt_tokens == (n - 1) // block * block > 0
+    hits = stack.metrics()["kuiper_inference_prefix_cache_hit_blocks"] - before
+    assert hits == (n - 1) // block
