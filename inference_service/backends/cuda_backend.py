@@ -209,7 +209,6 @@ class CudaBackend:
                 self._f[name] = self.kernels.fn(name).prepare(_GEMV_SIG)
             name = f"gemv_qkv_rope_t{t}"
             self._f[name] = self.kernels.fn(name).prepare(_GEMV_ROPE_SIG)
-        self._sig = {name: f.arg_format for name, f in self._f.items()}
         attr = self._cuda.function_attribute
         self._regs = {
             name: (f.get_attribute(attr.NUM_REGS), f.get_attribute(attr.SHARED_SIZE_BYTES))
@@ -220,6 +219,7 @@ class CudaBackend:
             self._f[name] = self.kernels.fn(name).prepare(_GEMM_SIG)
         name = attention_kernel(self.config.head_dim)
         self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
+        self._sig = {name: f.arg_format for name, f in self._f.items()}
 
     def _alloc_workspace(self, tokens: int) -> None:
         cuda, c = self._cuda, self.config
