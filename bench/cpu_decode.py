@@ -107,9 +107,15 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS/torch threads for both engines (default: each library's own)")  # fmt: skip
     args = ap.parse_args()
 
     import torch
+
+    if args.threads:
+        os.environ["KUIPER_CPU_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
 
     from tokenizer_service.model_source import resolve_model
 
@@ -128,7 +134,8 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
 
     print(f"model: {path.name}  cpu: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+          f"{os.cpu_count()} cores, threads {args.threads or 'default'} "
+          f"(torch {torch.get_num_threads()}), "
           f"load average {min(loads):.1f}-{max(loads):.1f}")  # fmt: skip
     print(f"prompt {len(prompt)} tokens, decode {n} tokens, best of {args.repeats}")
     print(f"{'':14}{'ours (numpy)':>14}{'transformers':>14}{'ratio':>8}")
