@@ -170,6 +170,20 @@ def test_gguf_llama_vocab_matches_sentencepiece_random(models, text):
     assert tok.decode(ids) == sp.decode(ids)
 
 
+def test_fast_gguf_metadata_reader_equals_gguf_library(models, tmp_path):
+    """Our header-only GGUF reader returns exactly what gguf.GGUFReader reads."""
+    from gguf import GGUFReader
+
+    from tokenizer_service.gguf_vocab import _read_metadata
+
+    files = [models["gguf_llama"], build_bpe_gguf(models["hf"], tmp_path / "b.gguf", "qwen2")]
+    for path in files:
+        reader = GGUFReader(path)
+        expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        assert _read_metadata(path) == expected
+        assert "tokenizer.ggml.tokens" in expected
+
+
 @pytest.mark.parametrize(
     ("pre", "architecture"),
     [("qwen2", "qwen2"), ("llama-bpe", "llama"), ("gpt-4o", "llama"), ("smollm", "llama")],
