@@ -175,12 +175,32 @@ def test_bad_batches_raise(tiny):
 
 
 def test_real_smollm2_gguf_greedy_24_tokens_match_numpy(smollm2_gguf):
-    model = load_model(smollm2_gguf)
-    ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018]
-    ids = [i for i in ids if i < model.config.vocab_size]
-    table = list(range(4))
-    ref = generate(NumpyBackend(model, 8, 16), ids, 24, table)
+    """Along the numpy engine's 24 greedy tokens (teacher-forced), the CUDA backend's argmax
+    (decode graphs, the serving path) is the same token, except where numpy's own top two
+    logits are closer than bf16 noise (1% of the largest logit): there either token is a
+    correct greedy choice for a bf16 engine. Seen on an H100: this prompt has one such tie at
+    step 10 (26.19 vs 26.14), which the graph with one attention split and the eager path
+    resolve differently."""
     from inference_service.backends.cuda_backend import CudaBackend
 
-    got = generate(CudaBackend(model, num_blocks=8, block_size=16), ids, 24, table)
-    assert got == ref
+    model = load_model(smollm2_gguf)
+    ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018]
+    table = list(range(4))
+    ref_b = NumpyBackend(model, 8, 16)
+    got_b = CudaBackend(model, num_blocks=8, block_size=16)
+    ref = ref_b.logits([BatchItem(0, np.array(ids), 0, table)])[0]
+    got = got_b.logits([BatchItem(0, np.array(ids), 0, table)])[0]
+    ties = 0
+    for step in range(24):
+        want = int(ref.argmax())
+        have = int(got.argmax())
+        if have != want:
+            gap = float(ref[want] - ref[have])
+            assert gap < 0.01 * np.abs(ref).max(), (step, want, have, gap)
+            ties += 1
+        pos = len(ids) + step
+        item = BatchItem(0, np.array([want], np.int32), pos, table)
+        ref = ref_b.logits([item])[0]
+        got = got_b.decode_logits_graph([item])[0]
+        assert rel_err(got, ref) < TOL_BF16_MODEL, step
+    assert ties <= 2
