@@ -68,7 +68,6 @@ def test_kernel_names_the_backend_launches_exist(built):
     names += [f"gemv_t{t}" for t in range(1, 9)] + [f"gemv_pair_t{t}" for t in range(1, 9)]
     names += [t.name for t in plan.GEMM_TILES]
     names += [f"paged_attention_d{d}" for d in plan.ATT_HEAD_DIMS]
-    names += [f"attention_decode_d{d}" for d in plan.DECODE_ATT_HEAD_DIMS]
     names += [f"gemv_qkv_rope_t{t}" for t in range(1, 9)]
     for n in names:
         assert n.encode() + b"\x00" in text, n
@@ -210,14 +209,6 @@ def test_attention_kernel_and_splits():
     assert plan.attention_splits(1, 8, 8192, 132, 32) == 32  # batch-1 decode, long context
     assert plan.attention_splits(1, 8, 100, 132, 32) == 4  # >= 32 keys per split
     assert plan.attention_splits(1, 1, 10**6, 132, 8) == 8  # partials buffer bound
-
-
-def test_decode_attention_choice():
-    assert plan.use_decode_attention(1, 300, 64)
-    assert plan.use_decode_attention(64, 1024, 128)
-    assert not plan.use_decode_attention(512, 512, 64)  # prefill: split-K kernel
-    assert not plan.use_decode_attention(1, 8192, 64)  # long context: split-K over more SMs
-    assert not plan.use_decode_attention(1, 100, 256)
 
 
 def test_input_layout_and_buckets():

@@ -26,8 +26,6 @@ import numpy as np
 from inference_service.backends.base import BatchItem
 from inference_service.backends.cuda_plan import (
     ATT_THREADS,
-    DECODE_ATT_HEAD_DIMS,
-    DECODE_ATT_THREADS,
     GEMV_MAX_TOKENS,
     GEMV_THREADS,
     InputLayout,
@@ -42,7 +40,6 @@ from inference_service.backends.cuda_plan import (
     gemv_smem,
     kv_block_bytes,
     resident_blocks,
-    use_decode_attention,
     width_bucket,
 )
 from inference_service.backends.cuda_weights import plan_arena
@@ -222,9 +219,6 @@ class CudaBackend:
             self._f[name] = self.kernels.fn(name).prepare(_GEMM_SIG)
         name = attention_kernel(self.config.head_dim)
         self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
-        if self.config.head_dim in DECODE_ATT_HEAD_DIMS:
-            name = f"attention_decode_d{self.config.head_dim}"
-            self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
         self._sig = {name: f.arg_format for name, f in self._f.items()}
 
     def _alloc_workspace(self, tokens: int) -> None:
@@ -514,7 +508,6 @@ class CudaBackend:
         small = T <= GEMV_MAX_TOKENS
         max_splits = min(MAX_SPLITS, (PARTIAL_TOKENS * MAX_SPLITS) // T)
         nsplit = attention_splits(T, c.num_kv_heads, max_ctx, self.sm_count, max_splits)
-        decode_att = use_decode_attention(T, max_ctx, c.head_dim)
         if ws.tokens < T:
             raise AssertionError("workspace too small")
 
@@ -539,11 +532,8 @@ class CudaBackend:
                 self._launch("rope+kv", "rope_kv_write", (T, 1, 1), (128, 1, 1), qkvb, qkv, pos,
                              slots, int(self._inv_freq), kc, vc, c.num_heads, c.num_kv_heads,
                              c.head_dim, 0)  # fmt: skip
-            att_name, att_grid, att_block = self._att_name, (T, c.num_kv_heads, nsplit), ATT_THREADS
-            if decode_att:
-                att_name = f"attention_decode_d{c.head_dim}"
-                att_grid, att_block = (T, c.num_kv_heads, 1), DECODE_ATT_THREADS
-            self._launch("attention", att_name, att_grid, (att_block, 1, 1),
+            self._launch("attention", self._att_name, (T, c.num_kv_heads, nsplit),
+                         (ATT_THREADS, 1, 1),
                          qkvb, qkv, kc, vc, bt, layout.width, tok_seq, pos, attn, qd,
                          int(self._part_o), int(self._part_ml), int(self._counters), c.num_heads,
                          c.num_kv_heads, c.head_dim, self.block_size, self._scale)  # fmt: skip

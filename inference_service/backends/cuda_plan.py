@@ -16,10 +16,6 @@ GEMM_BK, GEMM_SKEW, GEMM_STAGES = 64, 8, 3  # gemm.cu
 ATT_GMAX = 8  # attention.cu: query heads per kv head
 ATT_THREADS = 256  # attention.cu: threads per block = keys per tile
 ATT_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention_d{D}
-DECODE_ATT_HEAD_DIMS = (16, 32, 64, 128)  # attention_decode.cu: attention_decode_d{D}
-DECODE_ATT_THREADS = 256
-DECODE_ATT_MAX_TOKENS = 64  # decode batches (graph buckets)
-DECODE_ATT_MAX_CTX = 1024  # longer contexts: the split-K kernel spreads them over more SMs
 ATT_MIN_KEYS_PER_SPLIT = 32  # a block's work is latency-bound: spread keys over SMs
 KV_DTYPE_BYTES = 2  # bf16 cache
 
@@ -104,16 +100,6 @@ def attention_kernel(head_dim: int) -> str:
     if head_dim not in ATT_HEAD_DIMS:
         raise ValueError(f"no attention kernel for head_dim {head_dim} (have {ATT_HEAD_DIMS})")
     return f"paged_attention_d{head_dim}"
-
-
-def use_decode_attention(tokens: int, max_ctx: int, head_dim: int) -> bool:
-    """The one-block-per-(token, kv head) decode kernel wins for small batches of short
-    contexts; the split-K kernel for long contexts and prefill."""
-    return (
-        tokens <= DECODE_ATT_MAX_TOKENS
-        and max_ctx <= DECODE_ATT_MAX_CTX
-        and head_dim in DECODE_ATT_HEAD_DIMS
-    )
 
 
 def attention_splits(

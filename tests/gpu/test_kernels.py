@@ -278,14 +278,10 @@ def attention_ref(q, kc, vc, tables, tok_seq, pos, bs, G):
 
 
 @pytest.mark.parametrize("H,KVH,D", [(8, 2, 16), (14, 2, 64), (8, 1, 128), (32, 8, 64), (6, 6, 32)])
-@pytest.mark.parametrize("nsplit", [1, 3, 8, "decode"])
+@pytest.mark.parametrize("nsplit", [1, 3, 8])
 def test_paged_attention(K, H, KVH, D, nsplit):
-    """Split-K kernel with 1, 3, 8 splits, and the one-block decode kernel ("decode")."""
     from inference_service.backends.cuda_plan import attention_kernel
 
-    kernel, threads = attention_kernel(D), 256
-    if nsplit == "decode":
-        kernel, nsplit = f"attention_decode_d{D}", 1
     rng = np.random.default_rng(H * 100 + D + nsplit)
     bs, nb, G = 16, 64, H // KVH
     kc = bf(rng.standard_normal((nb, bs, KVH, D)))
@@ -305,7 +301,7 @@ def test_paged_attention(K, H, KVH, D, nsplit):
     part_ml = dev(K, np.zeros(T * H * nsplit * 2, np.float32))
     counters = dev(K, np.zeros(T * KVH, np.int32))
     for _ in range(2):  # twice: the counters must be reset by the first launch
-        launch(K, kernel, "PiPPPiPPPiPPPiiiif", (T, KVH, nsplit), (threads, 1, 1),
+        launch(K, attention_kernel(D), "PiPPPiPPPiPPPiiiif", (T, KVH, nsplit), (256, 1, 1),
                dev(K, qkv), qkv_dim, dev(K, kc), dev(K, vc), dev(K, tables), W, dev(K, tok_seq),
                dev(K, pos), out, H * D, part_o, part_ml, counters, H, KVH, D, bs,
                float(1 / np.sqrt(D)))  # fmt: skip
