@@ -85,6 +85,12 @@ class _Layer:
         self.wd = _f32(w[m + "down_proj.weight"])
 
 
+def causal_bias(start: int, n: int) -> np.ndarray:
+    """Additive mask [n, start + n]: query i (at position start + i) sees positions <= its own."""
+    future = np.arange(start + n)[None, :] > (start + np.arange(n))[:, None]
+    return np.where(future, np.float32(-np.inf), np.float32(0.0))
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     var = np.mean(x * x, axis=-1, keepdims=True)
     return weight * (x / np.sqrt(var + np.float32(eps)))
@@ -184,6 +190,7 @@ class NumpyBackend:
         singles = [b for b, it in enumerate(batch) if len(it.token_ids) == 1]
         decode = self._decode_plan(batch, singles, bounds) if len(singles) > 1 else None
         chunked = [b for b in range(len(batch)) if decode is None or b not in set(singles)]
+        masks = {b: causal_bias(batch[b].start_pos, len(batch[b].token_ids)) for b in chunked}
         n_tok = len(ids)
         x = self.embed[ids]  # [T, hidden]
         qd, kvd = self._q_dim, self._kv_dim
@@ -206,7 +213,9 @@ class NumpyBackend:
             for b in chunked:
                 lo, hi = bounds[b], bounds[b + 1]
                 it = batch[b]
-                attn[lo:hi] = self._attend(q[lo:hi], kc, vc, it.block_table, it.start_pos)
+                attn[lo:hi] = self._attend(
+                    q[lo:hi], kc, vc, it.block_table, it.start_pos, masks.get(b)
+                )
             if decode is not None:
                 rows_d, tables, bias = decode
                 attn[rows_d] = self._attend_decode(q[rows_d], kc, vc, tables, bias)
@@ -259,6 +268,7 @@ class NumpyBackend:
         vc: np.ndarray,
         block_table: list[int],
         start: int,
+        bias: np.ndarray | None = None,
     ) -> np.ndarray:
         """Causal attention of one item's n queries [n, heads, hd] over positions
         [0, start + n) read from its KV blocks; returns [n, heads * hd]."""
@@ -273,14 +283,15 @@ class NumpyBackend:
         # [n, kv*group, hd] → [kv, group*n, hd]: query head h reads kv head h // group.
         qg = q.reshape(n, c.num_kv_heads, group, c.head_dim).transpose(1, 2, 0, 3)
         qg = qg.reshape(c.num_kv_heads, group * n, c.head_dim)
-        scores = (qg @ keys.transpose(1, 2, 0)) * self._scale  # [kv, group*n, L]
+        scores = (qg * self._scale) @ keys.transpose(1, 2, 0)  # [kv, group*n, L]
         if n > 1:
+            if bias is None:
+                bias = causal_bias(start, n)
             scores = scores.reshape(c.num_kv_heads, group, n, length)
-            future = np.arange(length)[None, :] > (start + np.arange(n))[:, None]
-            scores[:, :, future] = -np.inf
+            scores += bias
             scores = scores.reshape(c.num_kv_heads, group * n, length)
         scores -= scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
+        probs = np.exp(scores, out=scores)
         probs /= probs.sum(axis=-1, keepdims=True)
         out = probs @ vals.transpose(1, 0, 2)  # [kv, group*n, hd]
         out = out.reshape(c.num_kv_heads, group, n, c.head_dim).transpose(2, 0, 1, 3)
