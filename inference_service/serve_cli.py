@@ -161,6 +161,16 @@ def wait_healthy(address: str, proc: subprocess.Popen, timeout: float, service: 
     raise TimeoutError(f"{address} not healthy after {timeout:.0f}s")
 
 
+def _die_with_parent() -> None:
+    """In the child (Linux): get SIGTERM when `kuiper up` dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _log_tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -251,8 +261,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             log_path = logs / f"{name}.log"
             with open(log_path, "wb") as log_file:
                 # Own session: Ctrl-C reaches only us, and we stop the children in order.
-                proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # fmt: skip
+                proc = subprocess.Popen(
+                    cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                )  # fmt: skip
             procs.append(proc)
             started[name] = (proc, log_path)
             print(f"starting {name} service (log: {log_path}) ...", flush=True)

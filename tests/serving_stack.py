@@ -46,11 +46,19 @@ def build_tiny_model(folder: Path, context: int = 2048) -> Path:
     return folder
 
 
+_built: dict[Path, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
+    """Built once per test session, though each module that imports this fixture gets its
+    own copy of the fixture."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-served-model"))
+    base = tmp_path_factory.getbasetemp()
+    if base not in _built:
+        _built[base] = build_tiny_model(tmp_path_factory.mktemp("tiny-served-model"))
+    return _built[base]
 
 
 @dataclass
@@ -99,10 +107,12 @@ def run_stack(model: Path, *extra: str):
         port,
         wait=False,
     )  # fmt: skip
+    stack = Stack(tok, inf, metrics_port, model)
     try:
         tok.wait_ready(60)
         inf.wait_ready(120, INFERENCE_SERVICE)
-        yield Stack(tok, inf, metrics_port, model)
+        yield stack
     finally:
         inf.kill()
         tok.kill()
+        stack.tokenizer.kill()  # a test may have replaced it (restart)
