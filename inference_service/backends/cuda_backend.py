@@ -317,9 +317,15 @@ class CudaBackend:
         return host
 
     def close(self) -> None:
-        """Drop the captured graphs now (device memory goes with the object)."""
+        """Drop the captured graphs now (device memory goes with the object). Called from a
+        thread other than the main one (the engine thread), also pop the context this backend
+        pushed there: PyCUDA complains about a non-empty context stack when a thread ends."""
         self.stream.synchronize()
         self._graphs_clear()
+        tid = threading.get_ident()
+        if threading.current_thread() is not threading.main_thread() and tid in _PUSHED:
+            del _PUSHED[tid]
+            self._cuda.Context.pop()
 
     # ------------------------------------------------------------------ inputs
 
