@@ -204,3 +204,26 @@ def test_real_smollm2_gguf_greedy_24_tokens_match_numpy(smollm2_gguf):
         got = got_b.decode_logits_graph([item])[0]
         assert rel_err(got, ref) < TOL_BF16_MODEL, step
     assert ties <= 2
+
+
+def test_backend_runs_in_an_engine_thread():
+    """Built in the main thread, stepped and closed in another (the engine thread's life)."""
+    import threading
+
+    folder, _ = BUILDERS["qwen2"](__import__("pathlib").Path(__import__("tempfile").mkdtemp()))
+    model = load_model(folder)
+    b = cuda_backend(model)
+    ids = prompt(40, 7)
+    want = generate(NumpyBackend(model, 16, BLOCK), ids, 4, list(range(4)))
+    got: list = []
+
+    def engine() -> None:
+        got.append(generate(b, ids, 4, list(range(4))))
+        b.close()
+
+    th = threading.Thread(target=engine)
+    th.start()
+    th.join(timeout=120)
+    assert got == [want]
+    # the main thread still drives a backend afterwards
+    assert generate(cuda_backend(model), ids, 4, list(range(4))) == want
