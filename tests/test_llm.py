@@ -121,7 +121,20 @@ def test_stop_string_is_cut_from_the_text(smol):
     assert "Paris" not in text and "capital" in text
 
 
+@pytest.fixture
+def cli_uses_smol(smol, smollm2_gguf, monkeypatch):
+    """The CLI's LLM(...) returns the already loaded SmolLM2 (loading is tested above), after
+    checking it was asked for that model on the CPU."""
+
+    def fake_llm(model, device):
+        assert (str(model), device) == (str(smollm2_gguf), "cpu")
+        return smol
+
+    monkeypatch.setattr(llm_module, "LLM", fake_llm)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_uses_smol")
 def test_cli_local_json(smol, smollm2_gguf, capsys):
     argv = ["generate", "--local", "--model", str(smollm2_gguf), "--device", "cpu", "--json",
             "--temperature", "0", "--max-new-tokens", "12", "The capital of France is"]  # fmt: skip
@@ -135,6 +148,7 @@ def test_cli_local_json(smol, smollm2_gguf, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("cli_uses_smol")
 def test_cli_local_streams_text(smollm2_gguf, capsys):
     argv = ["generate", "--local", "--model", str(smollm2_gguf), "--device", "cpu",
             "--temperature", "0", "--max-new-tokens", "8", "--stop", "\n",
