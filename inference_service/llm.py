@@ -61,6 +61,7 @@ class LLM:
         # so the process does not keep two.
         self.model = dataclasses.replace(self.model, weights={})
         self._table = list(range(num_blocks))
+        self._busy = False
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None:
             eos |= set(self.tokenizer.stop_ids)
@@ -111,7 +112,20 @@ class LLM:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens; the context holds {self.max_context}"
             )
-        return self._generate(ids, params)
+        if self._busy:
+            raise RuntimeError(
+                "this LLM is still streaming another generation (one at a time: finish it or "
+                "call .close() on its iterator)"
+            )
+        return self._guarded(ids, params)
+
+    def _guarded(self, ids: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
+        # The single sequence's KV blocks are reused, so generations must not interleave.
+        self._busy = True
+        try:
+            yield from self._generate(ids, params)
+        finally:
+            self._busy = False
 
     # ------------------------------------------------------------------ the loop
 

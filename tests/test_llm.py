@@ -84,6 +84,17 @@ def test_seeded_sampling_reproduces(tiny):
     assert llm.generate_ids(ids, other) != a
 
 
+def test_one_generation_at_a_time(tiny):
+    llm, hf = tiny
+    ids = prompt(5, 6)
+    first = llm.generate(ids, GREEDY)
+    next(first)
+    with pytest.raises(RuntimeError, match="still streaming"):
+        llm.generate(ids, GREEDY)
+    first.close()  # an abandoned stream frees the model
+    assert llm.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
+
+
 def test_bad_requests(tiny):
     llm, _ = tiny
     with pytest.raises(ValueError, match="no tokenizer"):
