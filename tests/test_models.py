@@ -157,6 +157,22 @@ def test_wrong_shape_names_the_tensor(llama, tmp_path):
         load_model(folder)
 
 
+def test_integer_weights_are_refused(llama, tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = copy_folder(llama[0], tmp_path / "m")
+    state = hf_state(llama[1])
+    state["model.layers.0.mlp.down_proj.weight"] = np.zeros((64, 128), np.int8)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"down_proj\.weight' is I8"):
+        load_model(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="quantized checkpoint.*gptq"):
+        load_model(folder)
+
+
 def test_unsupported_architecture(llama, tmp_path):
     folder = copy_folder(llama[0], tmp_path / "m")
     cfg = json.loads((folder / "config.json").read_text())

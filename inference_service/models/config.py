@@ -88,6 +88,13 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
             f"(architectures={d.get('architectures')}); supported: "
             + ", ".join(sorted(SUPPORTED_HF_MODEL_TYPES))
         )
+    quant = d.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ModelLoadError(
+            f"unsupported: quantized checkpoint (quant_method={method!r}); use an "
+            "fp32/fp16/bf16 folder or a GGUF file"
+        )
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise ModelLoadError(f"unsupported hidden_act {act!r} (only silu)")

@@ -84,6 +84,11 @@ def load_hf_folder(folder: Path) -> LoadedModel:
         tensors, tdtypes = read_safetensors(f)
         for tname, arr in tensors.items():
             if tname in wanted:
+                if arr.dtype.kind != "f":
+                    raise ModelLoadError(
+                        f"{f}: tensor {tname!r} is {tdtypes[tname]}; only float weights "
+                        "(F32/F16/BF16) are supported in safetensors folders"
+                    )
                 weights[tname] = _float_weights(arr)
                 dtypes[tdtypes[tname]] += arr.size
     check_weights(config, weights, str(folder))
