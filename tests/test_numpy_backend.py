@@ -136,8 +136,12 @@ def test_bad_batches_raise(tiny):
     backend = NumpyBackend(model, num_blocks=4, block_size=BLOCK)
     with pytest.raises(ValueError, match="block table"):
         backend.logits([BatchItem(0, np.arange(3, 12), 0, [0, 1])])
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="token id out of range"):
         backend.logits([BatchItem(0, np.array([VOCAB + 5]), 0, [0])])
+    with pytest.raises(ValueError, match="block id out of range"):
+        backend.logits([BatchItem(0, np.arange(3, 9), 0, [1, 4])])
+    with pytest.raises(ValueError, match="block id out of range"):
+        backend.logits([BatchItem(0, np.arange(3, 9), 0, [-1, 2])])
 
 
 def test_kv_sizing(tiny):

@@ -156,6 +156,11 @@ class NumpyBackend:
                     f"sequence {item.seq_id}: block table of {len(item.block_table)} blocks "
                     f"cannot hold {end} positions (block size {self.block_size})"
                 )
+            used = item.block_table[: -(-end // self.block_size)]
+            if min(used) < 0 or max(used) >= self.num_blocks:
+                raise ValueError(
+                    f"sequence {item.seq_id}: block id out of range 0..{self.num_blocks - 1}"
+                )
             ids = np.asarray(item.token_ids)
             if ids.min() < 0 or ids.max() >= self.config.vocab_size:
                 raise ValueError(
