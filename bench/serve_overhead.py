@@ -58,13 +58,11 @@ def wait_healthy(address: str, proc: subprocess.Popen, service: str = "") -> Non
 def make_engine(model_path: Path, args):
     from inference_service.backends import create_backend
     from inference_service.engine.engine import Engine, EngineConfig
-    from inference_service.engine.sampling_params import SamplingParams
     from inference_service.models import load_model
 
     backend = create_backend(load_model(model_path), args.device, num_blocks=args.num_kv_blocks)
     engine = Engine(backend, EngineConfig(max_batch_size=32))
     engine.start()
-    engine.generate([[0]], SamplingParams(max_new_tokens=2, temperature=0.0))  # warm up
     return engine
 
 
@@ -169,6 +167,7 @@ def main() -> int:
 
     address, procs = start_servers(model_path, args)
     engine = make_engine(model_path, args)
+    engine_run(engine, prompts_ids[:1], args.max_new_tokens)  # warm up as the served path does
     best: dict[tuple[str, int], tuple[float, list]] = {}
     try:
         # Interleaved, best of --repeats: a busy machine slows both paths alike.
