@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,58 +129,105 @@ class TokenizerClient:
 
 
 class DecodeStreamMux:
-    """One DecodeStream shared by every sequence of this process, in lockstep: one request,
-    then its response. A failed stream is dropped (the tokenizer's per-sequence state went
-    with it) and a new one opens on the next call; `epoch` tells callers it happened."""
+    """One DecodeStream shared by every sequence of this process, pipelined: `send` writes one
+    message and returns a future for its response (responses come back in order), so the
+    next engine step's message need not wait for the previous answer. A failed stream is
+    dropped (the tokenizer's per-sequence state went with it), every pending future fails
+    with TokenizerUnavailableError, and a new stream opens on the next send; `epoch` counts
+    the replacements so callers know which sequences lost their state."""
 
     def __init__(self, client: TokenizerClient):
         self.client = client
         self._call: grpc.aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task | None = None
+        self._waiters: deque[tuple[asyncio.Future, int]] = deque()
         self._lock = asyncio.Lock()
         self.epoch = 0  # bumped whenever the stream is replaced
         self.messages_sent = 0
 
-    async def _reset(self) -> None:
+    def _error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                return self.client.unavailable(f"DecodeStream: {exc.details()}")
+            return TokenizerRequestError(exc.code(), exc.details() or exc.code().name)
+        if isinstance(exc, TokenizerUnavailableError | TokenizerRequestError):
+            return exc
+        return self.client.unavailable(f"DecodeStream: {type(exc).__name__} {exc}".strip())
+
+    def reset(self, error: Exception | None = None) -> None:
+        """Drop the stream; fail every response still awaited."""
         if self._call is not None:
             self._call.cancel()
             self._call = None
             self.epoch += 1
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        error = error or self.client.unavailable("DecodeStream was reset")
+        waiters, self._waiters = self._waiters, deque()
+        for fut, _ in waiters:
+            if not fut.done():
+                fut.set_exception(error)
 
-    async def decode(self, sequences: list[tpb.SequenceIds]) -> list[str]:
-        """Send one message with these sequences' new ids; return their text deltas."""
-        if not sequences:
-            return []
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise self.client.unavailable("DecodeStream closed by the tokenizer service")
+                fut, n = self._waiters.popleft()
+                if len(resp.deltas) != n:
+                    raise TokenizerRequestError(
+                        grpc.StatusCode.INTERNAL,
+                        f"DecodeStream answered {len(resp.deltas)} deltas for {n} sequences",
+                    )
+                if not fut.done():
+                    fut.set_result([d.text for d in resp.deltas])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke: everyone waiting learns why
+            if call is self._call:
+                self.reset(self._error(exc))
+
+    async def send(self, sequences: list[tpb.SequenceIds]) -> asyncio.Future:
+        """Write one message with these sequences' new ids; the returned future resolves to
+        their text deltas (in order) or fails with TokenizerUnavailableError."""
         async with self._lock:
             if self._call is None:
                 self._call = self.client.stub.DecodeStream()
+                self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
             call = self._call
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append((fut, len(sequences)))
             try:
                 async with asyncio.timeout(self.client.timeout_s):
                     await call.write(tpb.DecodeStreamRequest(sequences=sequences))
-                    resp = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                await self._reset()
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    raise self.client.unavailable(f"DecodeStream: {exc.details()}") from None
-                raise TokenizerRequestError(exc.code(), exc.details() or "") from None
-            except (TimeoutError, asyncio.InvalidStateError) as exc:
-                await self._reset()
-                raise self.client.unavailable(f"DecodeStream: {type(exc).__name__}") from None
-            if resp is grpc.aio.EOF:
-                await self._reset()
-                raise self.client.unavailable("DecodeStream closed by the tokenizer service")
+            except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+                error = self._error(exc)
+                if call is self._call:
+                    self.reset(error)
+                if not fut.done():
+                    fut.set_exception(error)
+                fut.exception()  # retrieved: the caller gets the raise below instead
+                raise error from None
             self.messages_sent += 1
-            if len(resp.deltas) != len(sequences):
-                raise TokenizerRequestError(
-                    grpc.StatusCode.INTERNAL,
-                    f"DecodeStream answered {len(resp.deltas)} deltas for {len(sequences)} sequences",
-                )
-            return [d.text for d in resp.deltas]
+            return fut
+
+    async def decode(self, sequences: list[tpb.SequenceIds]) -> list[str]:
+        """send(), then wait (with the client's deadline) for the answer."""
+        if not sequences:
+            return []
+        fut = await self.send(sequences)
+        try:
+            async with asyncio.timeout(self.client.timeout_s):
+                return await fut
+        except TimeoutError:
+            self.reset()
+            raise self.client.unavailable("DecodeStream: no answer in time") from None
 
     async def close(self) -> None:
         async with self._lock:
             if self._call is not None:
                 with contextlib.suppress(Exception):  # a broken stream has nothing to close
                     await self._call.done_writing()
-                self._call.cancel()
-                self._call = None
+            self.reset()
