@@ -73,7 +73,7 @@ class _Merged:
     last: RequestOutput | None = None
 
 
-MAX_BACKLOG = 64  # pending steps beyond which they are merged into one message
+MAX_BACKLOG = 16  # pending steps beyond which they are merged: bounds the lag under overload
 
 _Target = tuple[LiveRequest, _Merged]
 
