@@ -134,6 +134,7 @@ class Result:
     profile_decode: list
     profile_prefill512: list
     gemm_vs_torch: list
+    attention_kernels: list
 
 
 def run_decode(backend, prompt: list[int], steps: int, table: list[int]) -> tuple[list[int], float]:
@@ -194,6 +195,7 @@ def bench_model(key: str, steps: int, bw: float) -> Result:
     item = BatchItem(1, np.array(long_prompt, np.int32), 0, list(range(64, 96)), GREEDY)
     prof_prefill = summarize(backend.profile_step([item]))
     gemms = gemm_vs_torch(cfg, prof_prefill, 512)
+    att = attention_kernels(backend, toks[-1], len(prompt) + steps)
 
     # HF transformers bf16, same GPU, same weights.
     ids = torch.tensor([prompt], device="cuda")
@@ -231,10 +233,38 @@ def bench_model(key: str, steps: int, bw: float) -> Result:
         model=s["name"], weight_mb=wbytes / 1e6, roofline_tok_s=roofline, decode_tok_s=decode,
         decode_pct_roofline=100 * decode / roofline, decode_step_us=1e6 / decode,
         graph_replay_us=graph_us, profile_decode=prof_decode, profile_prefill512=prof_prefill,
-        gemm_vs_torch=gemms,
+        gemm_vs_torch=gemms, attention_kernels=att,
         eager_decode_tok_s=eager, prefill512_tok_s=prefill, hf_decode_tok_s=hf_decode,
         hf_prefill512_tok_s=hf_prefill, first_tokens_agree_with_hf=agree,
     )  # fmt: skip
+
+
+def attention_kernels(backend, tok: int, short_pos: int) -> list[dict]:
+    """Decode step at a short and two long contexts with each decode attention kernel
+    (paged_decode_d*_u{U}) and the tiled one (decode_unroll=0), same run: graph replay us and
+    the attention kernel's mean us (profile_step). The long contexts read whatever the pool
+    holds past the written positions: fine for timing, the logits are not used."""
+    from inference_service.backends.cuda_plan import DEC_UNROLLS, DECODE_UNROLL_DEFAULT
+
+    rows = []
+    for ctx in (short_pos, 1024, 4000):
+        table = list(range(ceil_div_int(ctx + 1, backend.block_size)))
+        item = BatchItem(0, np.array([tok], np.int32), ctx, table, GREEDY)
+        for u in (*DEC_UNROLLS, 0):
+            backend.decode_unroll = u
+            backend._graphs_clear()
+            replay = backend.time_decode_graph([item])
+            prof = backend.profile_step([item])
+            att = [us for label, us in prof if label == "attention"]
+            rows.append(dict(ctx=ctx + 1, kernel=f"decode_u{u}" if u else "tiled",
+                             graph_replay_us=replay, attention_us=sum(att) / len(att)))  # fmt: skip
+    backend.decode_unroll = DECODE_UNROLL_DEFAULT
+    backend._graphs_clear()
+    return rows
+
+
+def ceil_div_int(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def gemm_vs_torch(cfg: ModelConfig, prof: list[dict], m: int) -> list[dict]:
@@ -311,6 +341,10 @@ def main() -> None:
             print(f"    {g['gemm']:14} N={g['n']:<6d} K={g['k']:<5d} ours {g['ours_us']:7.1f} us "
                   f"{g['ours_tflops']:5.0f} TFLOP/s | torch {g['torch_us']:7.1f} us "
                   f"{g['torch_tflops']:5.0f} TFLOP/s")  # fmt: skip
+        print(f"{r.model}: decode attention, graph replay us / attention kernel us (events):")
+        for a in r.attention_kernels:
+            print(f"    ctx {a['ctx']:5d} {a['kernel']:9} replay {a['graph_replay_us']:7.1f} us  "
+                  f"attention {a['attention_us']:5.1f} us")  # fmt: skip
         print(f"{r.model}: decode step {r.decode_step_us:.0f} us wall, {r.graph_replay_us:.0f} us "
               f"graph replay; kernels back to back (eager, events), decode | prefill 512:")  # fmt: skip
         for name, prof in (("decode", r.profile_decode), ("prefill", r.profile_prefill512)):

@@ -68,6 +68,9 @@ def test_kernel_names_the_backend_launches_exist(built):
     names += [f"gemv_t{t}" for t in range(1, 9)] + [f"gemv_pair_t{t}" for t in range(1, 9)]
     names += [t.name for t in plan.GEMM_TILES]
     names += [f"paged_attention_d{d}" for d in plan.ATT_HEAD_DIMS]
+    names += [
+        plan.decode_attention_kernel(d, u) for d in plan.ATT_HEAD_DIMS for u in plan.DEC_UNROLLS
+    ]
     names += [f"gemv_qkv_rope_t{t}" for t in range(1, 9)]
     for n in names:
         assert n.encode() + b"\x00" in text, n
@@ -209,6 +212,23 @@ def test_attention_kernel_and_splits():
     assert plan.attention_splits(1, 8, 8192, 132, 32) == 32  # batch-1 decode, long context
     assert plan.attention_splits(1, 8, 100, 132, 32) == 4  # >= 32 keys per split
     assert plan.attention_splits(1, 1, 10**6, 132, 8) == 8  # partials buffer bound
+
+
+def test_decode_attention_chunks_and_splits():
+    assert plan.decode_attention_kernel(64, 2) == "paged_decode_d64_u2"
+    with pytest.raises(ValueError):
+        plan.decode_attention_kernel(80)
+    with pytest.raises(ValueError):
+        plan.decode_attention_kernel(64, 3)
+    # 8 warps x (32 lanes / (D/8) lanes per key) x U keys per lane group in flight
+    assert [plan.decode_chunk(d, 8) for d in (16, 32, 64, 128, 256)] == [1024, 512, 256, 128, 64]
+    assert [plan.decode_chunk(64, u) for u in (1, 2, 4)] == [32, 64, 128]
+    assert plan.decode_splits(256, 64, 32, 8) == 1  # within one chunk: one pass, no combine
+    assert plan.decode_splits(257, 64, 32, 8) == 2
+    assert plan.decode_splits(145, 64, 32, 1) == 5
+    assert plan.decode_splits(4096, 128, 32, 8) == 32
+    assert plan.decode_splits(10**6, 64, 32, 8) == 32  # capped: each split loops over chunks
+    assert plan.decode_splits(1, 256, 32, 1) == 1
 
 
 def test_input_layout_and_buckets():

@@ -26,6 +26,9 @@ import numpy as np
 from inference_service.backends.base import BatchItem
 from inference_service.backends.cuda_plan import (
     ATT_THREADS,
+    DEC_THREADS,
+    DEC_UNROLLS,
+    DECODE_UNROLL_DEFAULT,
     GEMV_MAX_TOKENS,
     GEMV_THREADS,
     InputLayout,
@@ -35,6 +38,8 @@ from inference_service.backends.cuda_plan import (
     bucket_for,
     ceil_div,
     check_supported,
+    decode_attention_kernel,
+    decode_splits,
     gemm_tile,
     gemv_grid,
     gemv_smem,
@@ -128,6 +133,10 @@ class CudaBackend:
         self.config = c
         self.block_size = block_size
         self.use_graphs = use_graphs
+        # Attention for <= 8 token rows: 0 = the tiled paged_attention_d* (default: faster on
+        # the H100 in every measured shape, bench/README.md), U = paged_decode_d*_u{U}.
+        # Clear the graphs after a change.
+        self.decode_unroll = DECODE_UNROLL_DEFAULT
         self.graph_buckets = tuple(sorted(graph_buckets))
         self._cuda = cuda
         cuda.init()
@@ -217,8 +226,9 @@ class CudaBackend:
         }
         for name in ("gemm_128x128", "gemm_64x128", "gemm_64x64"):
             self._f[name] = self.kernels.fn(name).prepare(_GEMM_SIG)
-        name = attention_kernel(self.config.head_dim)
-        self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
+        d = self.config.head_dim
+        for name in [attention_kernel(d)] + [decode_attention_kernel(d, u) for u in DEC_UNROLLS]:
+            self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
         self._sig = {name: f.arg_format for name, f in self._f.items()}
 
     def _alloc_workspace(self, tokens: int) -> None:
@@ -513,7 +523,13 @@ class CudaBackend:
         gate_up, act = int(ws.gate_up), int(ws.act)
         small = T <= GEMV_MAX_TOKENS
         max_splits = min(MAX_SPLITS, (PARTIAL_TOKENS * MAX_SPLITS) // T)
-        nsplit = attention_splits(T, c.num_kv_heads, max_ctx, self.sm_count, max_splits)
+        if small and self.decode_unroll:  # splits used per row's length, see decode_splits
+            u = self.decode_unroll
+            att_name, att_threads = decode_attention_kernel(c.head_dim, u), DEC_THREADS
+            nsplit = decode_splits(max_ctx, c.head_dim, max_splits, u)
+        else:
+            att_name, att_threads = self._att_name, ATT_THREADS
+            nsplit = attention_splits(T, c.num_kv_heads, max_ctx, self.sm_count, max_splits)
         if ws.tokens < T:
             raise AssertionError("workspace too small")
 
@@ -538,8 +554,7 @@ class CudaBackend:
                 self._launch("rope+kv", "rope_kv_write", (T, 1, 1), (128, 1, 1), qkvb, qkv, pos,
                              slots, int(self._inv_freq), kc, vc, c.num_heads, c.num_kv_heads,
                              c.head_dim, 0)  # fmt: skip
-            self._launch("attention", self._att_name, (T, c.num_kv_heads, nsplit),
-                         (ATT_THREADS, 1, 1),
+            self._launch("attention", att_name, (T, c.num_kv_heads, nsplit), (att_threads, 1, 1),
                          qkvb, qkv, kc, vc, bt, layout.width, tok_seq, pos, attn, qd,
                          int(self._part_o), int(self._part_ml), int(self._counters), c.num_heads,
                          c.num_kv_heads, c.head_dim, self.block_size, self._scale)  # fmt: skip

@@ -18,6 +18,13 @@ ATT_THREADS = 256  # attention.cu: threads per block = keys per tile
 ATT_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention_d{D}
 ATT_MIN_KEYS_PER_SPLIT = 32  # a block's work is latency-bound: spread keys over SMs
 KV_DTYPE_BYTES = 2  # bf16 cache
+# attention_decode.cuh: 8 warps per block; each lane group of D / 8 lanes keeps U keys in
+# flight (U in DEC_UNROLLS, one kernel each), so one block covers decode_chunk(D, U) keys.
+DEC_WARPS = 8
+DEC_THREADS = 32 * DEC_WARPS
+DEC_UNROLLS = (1, 2, 4, 8)
+DEC_U = 2  # default unroll of the helpers below
+DECODE_UNROLL_DEFAULT = 0  # the backend's choice: the tiled kernel (bench/README.md, GPU section)
 
 
 def check_supported(c: ModelConfig) -> None:
@@ -110,6 +117,28 @@ def attention_splits(
     want = ceil_div(2 * sm_count, tokens * kv_heads)
     by_ctx = ceil_div(max_ctx, ATT_MIN_KEYS_PER_SPLIT)
     return max(1, min(want, by_ctx, max_splits))
+
+
+def decode_attention_kernel(head_dim: int, unroll: int = DEC_U) -> str:
+    """The decode (<= GEMV_MAX_TOKENS rows) attention kernel for this head dim and unroll."""
+    if head_dim not in ATT_HEAD_DIMS:
+        raise ValueError(f"no attention kernel for head_dim {head_dim} (have {ATT_HEAD_DIMS})")
+    if unroll not in DEC_UNROLLS:
+        raise ValueError(f"no decode attention kernel with unroll {unroll} (have {DEC_UNROLLS})")
+    return f"paged_decode_d{head_dim}_u{unroll}"
+
+
+def decode_chunk(head_dim: int, unroll: int = DEC_U) -> int:
+    """Keys one paged_decode block loads in one round trip: warps x keys per warp x unroll."""
+    return DEC_WARPS * (32 // (head_dim // 8)) * unroll
+
+
+def decode_splits(max_ctx: int, head_dim: int, max_splits: int, unroll: int = DEC_U) -> int:
+    """Split blocks launched per (row, kv head) for contexts up to max_ctx: one per chunk of
+    keys, capped by the partials buffer. The kernel uses only ceil(ctx / chunk) of them for a
+    shorter row (the others exit at once), so a graph captured for its bucket's longest context
+    stays valid for every shorter one, and a row within one chunk runs with no combine."""
+    return max(1, min(max_splits, ceil_div(max_ctx, decode_chunk(head_dim, unroll))))
 
 
 @dataclass(frozen=True)

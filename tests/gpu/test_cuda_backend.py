@@ -101,6 +101,30 @@ def test_graph_replay_equals_eager(tiny):
     assert (graph.argmax(1) == eager.argmax(1)).all()
 
 
+@pytest.mark.parametrize("unroll", [1, 2, 4, 8])
+def test_decode_attention_kernels_in_the_backend(tiny, unroll):
+    """The paged_decode_d*_u* kernels (decode_unroll; 0 = the tiled kernel, the default)
+    through the backend: decode logits of three rows (1 to 3 splits for small U) against numpy,
+    and graph replay against eager."""
+    _, model = tiny
+    lens = (150, 70, 9)
+    tables = [list(range(0, 40)), list(range(40, 60)), list(range(60, 64))]
+    seqs = [prompt(50 + s, n) for s, n in enumerate(lens)]
+    ref_b, b = NumpyBackend(model, 128, BLOCK), cuda_backend(model, 128)
+    b.decode_unroll = unroll
+    for s, ids in enumerate(seqs):
+        for backend in (ref_b, b):
+            backend.logits([BatchItem(s, np.array(ids[:-1]), 0, tables[s])])
+    batch = [
+        BatchItem(s, np.array(ids[-1:]), len(ids) - 1, tables[s]) for s, ids in enumerate(seqs)
+    ]
+    ref = ref_b.logits(batch)
+    eager = b.logits(batch)
+    graph = b.decode_logits_graph(batch)
+    assert rel_err(eager, ref) < TOL_BF16_MODEL
+    np.testing.assert_allclose(graph, eager, rtol=1e-4, atol=1e-4 * np.abs(eager).max())
+
+
 def test_graph_without_pdl_equals_graph_with_pdl(tiny):
     _, model = tiny
     outs = []

@@ -313,6 +313,47 @@ def test_paged_attention(K, H, KVH, D, nsplit):
     np.testing.assert_array_equal(get(K, counters, T * KVH, np.int32), 0)
 
 
+@pytest.mark.parametrize("H,KVH,D", [(9, 3, 64), (14, 2, 64), (32, 8, 64), (8, 1, 128),
+                                     (8, 2, 16), (6, 6, 32), (4, 2, 256), (8, 1, 256)])  # fmt: skip
+@pytest.mark.parametrize("nz", [1, 2, 32])
+@pytest.mark.parametrize("U", [1, 2, 4, 8])
+def test_paged_decode_attention(K, H, KVH, D, nz, U):
+    """paged_decode_d*_u*: rows of lengths 1 .. ~5 chunks, under grids of 1 split (one block loops
+    over every chunk), 2 (capped: splits longer than a chunk) and 32 (one split per chunk, the
+    unused ones exit; short rows take the no-combine path)."""
+    from inference_service.backends.cuda_plan import decode_attention_kernel, decode_chunk
+
+    rng = np.random.default_rng(H * 1000 + D * 10 + nz + 7 * U)
+    bs, G, chunk = 16, H // KVH, decode_chunk(D, U)
+    lengths = [1, 37, chunk - 1, chunk, chunk + 1, 2 * chunk + 5, 5 * chunk - 3, 150]
+    T = len(lengths)
+    W = -(-max(lengths) // bs)
+    nb = T * W + 3
+    kc = bf(rng.standard_normal((nb, bs, KVH, D)))
+    vc = bf(rng.standard_normal((nb, bs, KVH, D)))
+    tables = rng.permutation(nb)[: T * W].reshape(T, W).astype(np.int32)
+    tok_seq = np.arange(T, dtype=np.int32)[::-1].copy()  # row t reads sequence T-1-t
+    pos = np.array([lengths[T - 1 - t] - 1 for t in range(T)], np.int32)
+    qkv_dim = (H + 2 * KVH) * D
+    qkv = bf(3 * rng.standard_normal((T, qkv_dim)))  # peaked softmax: a wrong merge shows
+    out = dev(K, nan_bf16((T, H * D)))
+    part_o = dev(K, np.full(T * H * nz * D, np.nan, np.float32))
+    part_ml = dev(K, np.full(T * H * nz * 2, np.nan, np.float32))
+    counters = dev(K, np.zeros(T * KVH, np.int32))
+    for _ in range(2):  # twice: the counters must be reset by the first launch
+        launch(K, decode_attention_kernel(D, U), "PiPPPiPPPiPPPiiiif", (T, KVH, nz), (256, 1, 1),
+               dev(K, qkv), qkv_dim, dev(K, kc), dev(K, vc), dev(K, tables), W, dev(K, tok_seq),
+               dev(K, pos), out, H * D, part_o, part_ml, counters, H, KVH, D, bs,
+               float(1 / np.sqrt(D)))  # fmt: skip
+    q = unbf(qkv)[:, : H * D].reshape(T, H, D).astype(np.float64)
+    ref = attention_ref(q, unbf(kc).astype(np.float64), unbf(vc).astype(np.float64), tables,
+                        tok_seq, pos, bs, G)  # fmt: skip
+    got = unbf(get(K, out, (T, H * D), np.uint16)).reshape(T, H, D)
+    for t in range(T):  # per row, so a short row's error is not hidden by the long ones
+        assert rel_err(got[t], ref[t]) < TOL_BF16, (t, pos[t] + 1)
+    np.testing.assert_array_equal(get(K, counters, T * KVH, np.int32), 0)
+
+
 # ---------------------------------------------------------------------------- sampling
 
 
