@@ -73,6 +73,7 @@ class _Merged:
     last: RequestOutput | None = None
 
 
+MAX_SEQUENCES_PER_MESSAGE = 1024  # the tokenizer service's limit per DecodeStream message
 MAX_BACKLOG = 16  # pending steps beyond which they are merged: bounds the lag under overload
 
 _Target = tuple[LiveRequest, _Merged]
@@ -196,17 +197,19 @@ class OutputRouter:
             targets.append((req, m))
         for rid in closes:
             items.append(tpb.SequenceIds(sequence_id=rid, finished=True))
-        if not items:
-            return
-        try:
-            fut = await self.decoder.send(items)
-        except (TokenizerUnavailableError, TokenizerRequestError) as exc:
-            self._fail_all(targets, exc)
-            return
-        if targets:
-            self._in_flight.put_nowait((fut, targets))
-        else:
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # closes only
+        # The tokenizer service takes at most 1024 sequences per message.
+        for start in range(0, len(items), MAX_SEQUENCES_PER_MESSAGE):
+            part = items[start : start + MAX_SEQUENCES_PER_MESSAGE]
+            part_targets = targets[start : start + MAX_SEQUENCES_PER_MESSAGE]
+            try:
+                fut = await self.decoder.send(part)
+            except (TokenizerUnavailableError, TokenizerRequestError) as exc:
+                self._fail_all(targets[start:], exc)
+                return
+            if part_targets:
+                self._in_flight.put_nowait((fut, part_targets))
+            else:
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # closes only
 
     # ---- delivering: answers in order ----------------------------------------------------
     async def _deliver_loop(self) -> None:
