@@ -312,6 +312,36 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
             self.router.release(rid)
 
 
+class LoadingServicer(igrpc.InferenceServiceServicer):
+    """Registered before the server starts (grpc.aio takes no servicers later), so health
+    answers NOT_SERVING while the model loads; calls get UNAVAILABLE until `ready` is set."""
+
+    def __init__(self) -> None:
+        self.ready: InferenceServicer | None = None
+
+    async def _loading(self, context) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry in a moment"
+        )
+
+    async def Generate(self, request, context) -> AsyncIterator:
+        if self.ready is None:
+            await self._loading(context)
+        async for resp in self.ready.Generate(request, context):
+            yield resp
+
+    async def Chat(self, request, context) -> AsyncIterator:
+        if self.ready is None:
+            await self._loading(context)
+        async for resp in self.ready.Chat(request, context):
+            yield resp
+
+    async def GetModelInfo(self, request, context) -> ipb.ModelInfo:
+        if self.ready is None:
+            await self._loading(context)
+        return await self.ready.GetModelInfo(request, context)
+
+
 @dataclass
 class ServerConfig:
     model: str | None = None
@@ -395,6 +425,13 @@ async def serve(cfg: ServerConfig) -> int:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    # Listen first: a taken port fails at once, and health says NOT_SERVING while loading.
+    front = LoadingServicer()
+    igrpc.add_InferenceServiceServicer_to_server(front, server)
+    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
+    await server.start()
     t0 = time.monotonic()
     print(f"loading model {cfg.model or '(default)'} ...", flush=True)
     engine, model = await asyncio.to_thread(_build_engine, cfg)
@@ -406,11 +443,7 @@ async def serve(cfg: ServerConfig) -> int:
     engine.add_stats_listener(metrics.on_step)
     servicer = InferenceServicer(engine, tokenizer, metrics, model)
     servicer.start()
-    igrpc.add_InferenceServiceServicer_to_server(servicer, server)
-    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
-    await server.start()
+    front.ready = servicer
     if cfg.metrics_port > 0:
         metrics.serve(cfg.metrics_port)
 
