@@ -101,7 +101,8 @@ def spawn(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
 
 
 def start_servers(model_path: Path, args) -> tuple[str, list[subprocess.Popen]]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     base = [sys.executable, "-m", "kuiper_client.cli"]
     tok_port, inf_port = free_port(), free_port()
     logs = Path(tempfile.mkdtemp(prefix="kuiper-bench-"))
@@ -135,13 +136,15 @@ def stop_servers(procs: list[subprocess.Popen]) -> None:
         p.wait(60)
 
 
-def tiny_model_folder() -> Path:
-    """The tests' tiny random Llama + BPE tokenizer: the engine is so fast that what is
-    measured is nearly all serving overhead."""
+def random_model_folder(shape: str) -> Path:
+    """The tests' random Llama + BPE tokenizer: "tiny" (2 layers, hidden 64: the engine is so
+    fast that what is measured is nearly all serving overhead) or "smollm2" (SmolLM2-135M's
+    shape, for machines without the real file, e.g. a GPU box)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from serving_stack import build_tiny_model
+    from serving_stack import SMOLLM2_SHAPE, build_tiny_model
 
-    return build_tiny_model(Path(tempfile.mkdtemp(prefix="kuiper-tiny-")))
+    dims = SMOLLM2_SHAPE if shape == "smollm2" else {}
+    return build_tiny_model(Path(tempfile.mkdtemp(prefix=f"kuiper-{shape}-")), **dims)
 
 
 def main() -> int:
@@ -156,12 +159,23 @@ def main() -> int:
         action="store_true",
         help="the tests' tiny random model instead (overhead-dominated)",
     )
+    parser.add_argument(
+        "--random",
+        choices=["tiny", "smollm2"],
+        default=None,
+        help="a random model of this shape with a trained BPE tokenizer",
+    )
     args = parser.parse_args()
 
     from tokenizer_service.model_source import resolve_model
     from tokenizer_service.tokenizer import load_tokenizer
 
-    model_path = tiny_model_folder() if args.tiny else resolve_model(args.model)
+    if args.random:
+        model_path = random_model_folder(args.random)
+    elif args.tiny:
+        model_path = random_model_folder("tiny")
+    else:
+        model_path = resolve_model(args.model)
     tokenizer = load_tokenizer(model_path)
     prompts_ids = [tokenizer.encode(p) for p in PROMPTS]
 

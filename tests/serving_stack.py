@@ -15,8 +15,13 @@ from servers import ServerProcess, free_port, kuiper_command, start_server
 INFERENCE_SERVICE = "kuiper.v1.InferenceService"
 
 
-def build_tiny_model(folder: Path, context: int = 2048) -> Path:
-    """HF folder: byte-level BPE tokenizer (ChatML template) + a random Llama sized to it."""
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)  # fmt: skip
+
+
+def build_tiny_model(folder: Path, context: int = 2048, **shape) -> Path:
+    """HF folder: byte-level BPE tokenizer (ChatML template) + a random Llama sized to it
+    (or of another `shape`, e.g. SMOLLM2_SHAPE, for benchmarks)."""
     import torch
     from tokenizer_models import build_hf_bpe
     from tokenizers import Tokenizer
@@ -25,13 +30,17 @@ def build_tiny_model(folder: Path, context: int = 2048) -> Path:
     build_hf_bpe(folder)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    dims = dict(
         vocab_size=tok.get_vocab_size(),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+    )
+    dims.update(shape)
+    cfg = LlamaConfig(
+        **dims,
         max_position_embeddings=context,
         rms_norm_eps=1e-5,
         bos_token_id=tok.token_to_id("<|im_start|>"),
