@@ -238,6 +238,14 @@ class Engine:
         finally:
             self._running = False
             self._emit(self._finish_outputs(self.scheduler.abort_all(), "engine stopped"))
+            # The backend's per-thread device state (the CUDA context this thread pushed)
+            # must be released by this thread, before it ends.
+            close = getattr(self.backend, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    log.exception("closing the backend failed")
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; False when asked to stop."""
