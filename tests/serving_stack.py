@@ -104,12 +104,12 @@ def start_tokenizer(model: Path, port: int | None = None) -> ServerProcess:
 
 
 @contextmanager
-def run_stack(model: Path, *extra: str):
+def run_stack(model: Path, *extra: str, device: str = "cpu"):
     tok = start_tokenizer(model)
     port, metrics_port = free_port(), free_port()
     inf = start_server(
         kuiper_command(
-            "serve-inference", "--model", str(model), "--device", "cpu", "--host", "127.0.0.1",
+            "serve-inference", "--model", str(model), "--device", device, "--host", "127.0.0.1",
             "--port", str(port), "--tokenizer-address", tok.address,
             "--metrics-port", str(metrics_port), "--grace", "20", *extra,
         ),
