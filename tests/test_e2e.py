@@ -318,3 +318,15 @@ def test_repeated_prompt_reuses_cached_prefix_blocks(stack, llm):
     assert second.usage.cached_prompt_tokens == (n - 1) // block * block > 0
     hits = stack.metrics()["kuiper_inference_prefix_cache_hit_blocks"] - before
     assert hits == (n - 1) // block
+
+
+def test_stop_token_id_ends_with_stop_and_is_returned(stack, llm):
+    ids, _ = oracle(llm, "hello world", max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    stop_id = ids[3]
+    cut = ids.index(stop_id) + 1
+    with KuiperClient(stack.address, timeout=60) as client:
+        done = client.complete("hello world", max_new_tokens=12, temperature=0.0,
+                               ignore_eos=True, stop_token_ids=[stop_id])  # fmt: skip
+    assert done.token_ids == ids[:cut]
+    assert done.finish_reason == "stop"
+    assert done.usage.completion_tokens == cut
