@@ -171,11 +171,10 @@ __device__ __forceinline__ void attention_impl(
     }
 
     // Sum the KG key groups' partial outputs: first across the key groups inside each warp
-    // (lanes ch, ch + C, ... hold the same dims) with shuffles, then one shared-memory add per
-    // warp (qs is free now). Shared atomics straight from every thread would serialize KG ways.
+    // (lanes ch, ch + C, ... hold the same dims) with shuffles, then the warps one at a time
+    // into shared memory (qs is free: the tile loop ended with a barrier). No float atomics:
+    // in shared memory they are compare-and-swap loops (see add8_shared).
     float* osum = qs;
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) osum[i] = 0.f;
-    __syncthreads();
 #pragma unroll
     for (int g = 0; g < ATT_GMAX; ++g)
         if (g < G)
@@ -183,14 +182,16 @@ __device__ __forceinline__ void attention_impl(
             for (int j = 0; j < 8; ++j)
 #pragma unroll
                 for (int o = C; o < 32; o <<= 1) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
-    if (lane < C || C >= 32) {
+    const bool writer = lane < C || C >= 32;
+#pragma unroll 1
+    for (int w = 0; w < ATT_THREADS / 32; ++w) {
+        if (warp == w && writer) {
 #pragma unroll
-        for (int g = 0; g < ATT_GMAX; ++g)
-            if (g < G)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) atomicAdd(&osum[g * D + ch * 8 + j], acc[g][j]);
+            for (int g = 0; g < ATT_GMAX; ++g)
+                if (g < G) add8_shared(osum + g * D + ch * 8, acc[g], w == 0);
+        }
+        __syncthreads();
     }
-    __syncthreads();
 
     if (nsplit == 1) {
         for (int i = threadIdx.x; i < G * D; i += blockDim.x) {

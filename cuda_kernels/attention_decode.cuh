@@ -14,7 +14,8 @@
 //    previous kernel. After the wait q and K/V load in parallel.
 //  * Scores: shuffles sum a key's C lanes. Softmax max: block-wide per chunk (shuffles, one
 //    shared-memory exchange, one barrier), so every lane shares the running max and the
-//    partial outputs add up without rescaling: shared-memory atomics, one more barrier.
+//    partial outputs add up without rescaling: shuffles across a warp's lane groups, then the
+//    warps one at a time into shared memory (no float atomics, see add8_shared).
 //  * Splits: the launch has gridDim.z splits (fixed in a CUDA graph, sized for the longest
 //    context of the graph's bucket); a row of length ctx uses eff = min(gridDim.z,
 //    ceil(ctx / CHUNK)) of them and the rest exit at once. With eff == 1 the block writes the
@@ -42,7 +43,7 @@ __device__ __forceinline__ void decode_attention_impl(
     __shared__ __align__(16) float qs[DEC_GMAX * D];
     __shared__ __align__(16) float osum[DEC_GMAX * D];
     __shared__ float m_w[2][DEC_WARPS][DEC_GMAX];  // per-chunk warp maxima, double-buffered
-    __shared__ float m_s[DEC_GMAX], l_s[DEC_GMAX];
+    __shared__ float m_s[DEC_GMAX], l_w[DEC_WARPS][DEC_GMAX];
     __shared__ int last_s;
 
     pdl_trigger();
@@ -69,8 +70,6 @@ __device__ __forceinline__ void decode_attention_impl(
         }
     };
     find_slots(start);
-    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) osum[i] = 0.f;
-    if (threadIdx.x < DEC_GMAX) l_s[threadIdx.x] = 0.f;
 
     // M: running max, the same in every thread; l, acc: this lane group's sums under M.
     float M[DEC_GMAX], l[DEC_GMAX], acc[DEC_GMAX][8];
@@ -161,16 +160,18 @@ __device__ __forceinline__ void decode_attention_impl(
         }
     }
 
-    // Every lane's sums share M: add them up in shared memory (l once per lane group).
+    // Every lane's sums share M: add them up, across the warp's lane groups with shuffles,
+    // then the warps one at a time into shared memory (no float atomics: add8_shared).
 #pragma unroll
     for (int g = 0; g < DEC_GMAX; ++g) {
         if (g < G) {
-            float lg = l[g];
 #pragma unroll
-            for (int o = C; o < 32; o <<= 1) lg += __shfl_xor_sync(0xffffffffu, lg, o);
-            if (lane == 0) atomicAdd(&l_s[g], lg);
+            for (int o = C; o < 32; o <<= 1) {
+                l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) atomicAdd(&osum[g * D + ch * 8 + j], acc[g][j]);
+                for (int j = 0; j < 8; ++j) acc[g][j] += __shfl_xor_sync(0xffffffffu, acc[g][j], o);
+            }
+            if (lane == 0) l_w[warp][g] = l[g];
         }
     }
     if (threadIdx.x == 0) {
@@ -178,11 +179,25 @@ __device__ __forceinline__ void decode_attention_impl(
         for (int g = 0; g < DEC_GMAX; ++g)
             if (g < G) m_s[g] = M[g];
     }
-    __syncthreads();
+#pragma unroll 1
+    for (int w = 0; w < DEC_WARPS; ++w) {
+        if (warp == w && grp == 0) {
+#pragma unroll
+            for (int g = 0; g < DEC_GMAX; ++g)
+                if (g < G) add8_shared(osum + g * D + ch * 8, acc[g], w == 0);
+        }
+        __syncthreads();
+    }
+    auto block_l = [&](int g) {
+        float L = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) L += l_w[w][g];
+        return L;
+    };
 
     if (eff == 1) {
         for (int i = threadIdx.x; i < G * D; i += DEC_THREADS)
-            out[(size_t)t * out_stride + (size_t)h0 * D + i] = f2bf(osum[i] / l_s[i / D]);
+            out[(size_t)t * out_stride + (size_t)h0 * D + i] = f2bf(osum[i] / block_l(i / D));
         return;
     }
     // Flash-decoding: publish this split's partial; the last of the eff splits merges.
@@ -193,7 +208,7 @@ __device__ __forceinline__ void decode_attention_impl(
     if (threadIdx.x < G) {
         const size_t ml = (((size_t)t * H + h0 + threadIdx.x) * nz + split) * 2;
         part_ml[ml] = m_s[threadIdx.x];
-        part_ml[ml + 1] = l_s[threadIdx.x];
+        part_ml[ml + 1] = block_l(threadIdx.x);
     }
     __threadfence();
     __syncthreads();

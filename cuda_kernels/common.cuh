@@ -82,3 +82,19 @@ __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.lau
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + __expf(-x)); }
+
+// dst[0..8) = (first ? 0 : dst) + v, as two 16-byte shared-memory accesses. The attention
+// kernels merge their warps' partial outputs with this, one warp at a time between barriers:
+// a float atomicAdd into shared memory is a compare-and-swap retry loop on sm_90
+// (ATOMS.CAST.SPIN), and warps contending for the same addresses serialize on it.
+__device__ __forceinline__ void add8_shared(float* dst, const float* v, bool first) {
+    float4* p = reinterpret_cast<float4*>(dst);
+    float4 a = make_float4(v[0], v[1], v[2], v[3]), b = make_float4(v[4], v[5], v[6], v[7]);
+    if (!first) {
+        const float4 x = p[0], y = p[1];
+        a.x += x.x; a.y += x.y; a.z += x.z; a.w += x.w;
+        b.x += y.x; b.y += y.y; b.z += y.z; b.w += y.w;
+    }
+    p[0] = a;
+    p[1] = b;
+}
