@@ -205,6 +205,9 @@ class CudaBackend:
         self._alloc_workspace(max_tokens)  # input buffer sized for the real table width
         self._att_name = attention_kernel(c.head_dim)
         self._scale = float(1.0 / np.sqrt(c.head_dim))
+        # The server builds the backend in a worker thread that ends at exit: leave its
+        # context stack empty. Threads that step the backend push their own (_ensure_context).
+        self._pop_thread_context()
 
     # ------------------------------------------------------------------ setup
 
@@ -332,8 +335,15 @@ class CudaBackend:
         pushed there: PyCUDA complains about a non-empty context stack when a thread ends."""
         self.stream.synchronize()
         self._graphs_clear()
+        self._pop_thread_context()
+
+    def _pop_thread_context(self) -> None:
+        """Pop the context this backend pushed in the calling thread, unless that is the main
+        thread (popped at exit). PyCUDA aborts the process when any thread ends with a
+        non-empty context stack."""
         tid = threading.get_ident()
         if threading.current_thread() is not threading.main_thread() and tid in _PUSHED:
+            self._cuda.Context.synchronize()
             del _PUSHED[tid]
             self._cuda.Context.pop()
 
