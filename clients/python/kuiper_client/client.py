@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from kuiper.v1 import inference_pb2 as ipb
@@ -209,8 +210,28 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-class KuiperClient:
-    """Blocking client. Use as a context manager, or call close()."""
+def _encode_request(texts: Sequence[str], add_special_tokens: bool | None) -> tpb.EncodeRequest:
+    req = tpb.EncodeRequest(texts=list(texts))
+    if add_special_tokens is not None:
+        req.add_special_tokens = add_special_tokens
+    return req
+
+
+def _decode_request(
+    sequences: Sequence[Sequence[int]], skip_special_tokens: bool
+) -> tpb.DecodeRequest:
+    return tpb.DecodeRequest(
+        sequences=[tpb.TokenIds(ids=list(s)) for s in sequences],
+        skip_special_tokens=skip_special_tokens,
+    )
+
+
+class _ClientBase:
+    """What the blocking and asyncio clients share: settings, channels and when to retry.
+    Subclasses differ only in how they wait (blocking vs await)."""
+
+    # grpc.insecure_channel or grpc.aio.insecure_channel
+    _open_channel: Callable[..., Any]
 
     def __init__(
         self,
@@ -225,9 +246,42 @@ class KuiperClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = self._open_channel(address, options=CHANNEL_OPTIONS)
         self._stub = igrpc.InferenceServiceStub(self._channel)
-        self._tok_channel: grpc.Channel | None = None
+        self._tok_channel: grpc.Channel | grpc.aio.Channel | None = None
+
+    def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
+        if self._tok_channel is None:
+            self._tok_channel = self._open_channel(self.tokenizer_address, options=CHANNEL_OPTIONS)
+        return tgrpc.TokenizerServiceStub(self._tok_channel)
+
+    def _call_timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _retry_stream(
+        self,
+        exc: grpc.RpcError,
+        received: bool,
+        attempt: int,
+        deadline: float | None,
+        delay: float,
+    ) -> bool:
+        """Retry only while nothing has arrived (a retry would repeat tokens otherwise)."""
+        return (
+            exc.code() == grpc.StatusCode.UNAVAILABLE
+            and not received
+            and attempt < self.retries
+            and (deadline is None or time.monotonic() + delay < deadline)
+        )
+
+    def _retry_unary(self, exc: grpc.RpcError, attempt: int) -> bool:
+        return exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries
+
+
+class KuiperClient(_ClientBase):
+    """Blocking client. Use as a context manager, or call close()."""
+
+    _open_channel = staticmethod(grpc.insecure_channel)
 
     def __enter__(self) -> KuiperClient:
         return self
@@ -240,15 +294,8 @@ class KuiperClient:
         if self._tok_channel is not None:
             self._tok_channel.close()
 
-    def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
-        if self._tok_channel is None:
-            self._tok_channel = grpc.insecure_channel(
-                self.tokenizer_address, options=CHANNEL_OPTIONS
-            )
-        return tgrpc.TokenizerServiceStub(self._tok_channel)
-
     def _stream(self, method, request, timeout: float | None) -> Iterator[GenerateChunk]:
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._call_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = self.backoff
         for attempt in range(self.retries + 1):
@@ -260,13 +307,7 @@ class KuiperClient:
                     yield _chunk(resp)
                 return
             except grpc.RpcError as exc:
-                retry = (
-                    exc.code() == grpc.StatusCode.UNAVAILABLE
-                    and not received
-                    and attempt < self.retries
-                    and (deadline is None or time.monotonic() + delay < deadline)
-                )
-                if not retry:
+                if not self._retry_stream(exc, received, attempt, deadline, delay):
                     raise KuiperError.from_rpc(exc) from None
                 time.sleep(delay)
                 delay *= 2
@@ -274,13 +315,13 @@ class KuiperClient:
                 call.cancel()  # no-op when done; stops the server's work when we stop early
 
     def _unary(self, method, request, timeout: float | None):
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._call_timeout(timeout)
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
                 return method(request, timeout=timeout)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                if self._retry_unary(exc, attempt):
                     time.sleep(delay)
                     delay *= 2
                     continue
@@ -321,9 +362,7 @@ class KuiperClient:
         add_special_tokens: bool | None = None,
         timeout: float | None = None,
     ) -> list[list[int]]:
-        req = tpb.EncodeRequest(texts=list(texts))
-        if add_special_tokens is not None:
-            req.add_special_tokens = add_special_tokens
+        req = _encode_request(texts, add_special_tokens)
         resp = self._unary(self._tokenizer().Encode, req, timeout)
         return [list(r.ids) for r in resp.results]
 
@@ -333,32 +372,14 @@ class KuiperClient:
         skip_special_tokens: bool = False,
         timeout: float | None = None,
     ) -> list[str]:
-        req = tpb.DecodeRequest(
-            sequences=[tpb.TokenIds(ids=list(s)) for s in sequences],
-            skip_special_tokens=skip_special_tokens,
-        )
+        req = _decode_request(sequences, skip_special_tokens)
         return list(self._unary(self._tokenizer().Decode, req, timeout).texts)
 
 
-class AsyncKuiperClient:
+class AsyncKuiperClient(_ClientBase):
     """asyncio client (grpc.aio). Use `async with`, or await close()."""
 
-    def __init__(
-        self,
-        address: str = DEFAULT_ADDRESS,
-        tokenizer_address: str | None = None,
-        timeout: float | None = None,
-        retries: int = 3,
-        backoff: float = 0.2,
-    ):
-        self.address = address
-        self.tokenizer_address = tokenizer_address or DEFAULT_TOKENIZER_ADDRESS
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = igrpc.InferenceServiceStub(self._channel)
-        self._tok_channel: grpc.aio.Channel | None = None
+    _open_channel = staticmethod(grpc.aio.insecure_channel)
 
     async def __aenter__(self) -> AsyncKuiperClient:
         return self
@@ -371,15 +392,8 @@ class AsyncKuiperClient:
         if self._tok_channel is not None:
             await self._tok_channel.close()
 
-    def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
-        if self._tok_channel is None:
-            self._tok_channel = grpc.aio.insecure_channel(
-                self.tokenizer_address, options=CHANNEL_OPTIONS
-            )
-        return tgrpc.TokenizerServiceStub(self._tok_channel)
-
     async def _stream(self, method, request, timeout: float | None) -> AsyncIterator[GenerateChunk]:
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._call_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = self.backoff
         for attempt in range(self.retries + 1):
@@ -391,13 +405,7 @@ class AsyncKuiperClient:
                     yield _chunk(resp)
                 return
             except grpc.RpcError as exc:
-                retry = (
-                    exc.code() == grpc.StatusCode.UNAVAILABLE
-                    and not received
-                    and attempt < self.retries
-                    and (deadline is None or time.monotonic() + delay < deadline)
-                )
-                if not retry:
+                if not self._retry_stream(exc, received, attempt, deadline, delay):
                     raise KuiperError.from_rpc(exc) from None
                 await asyncio.sleep(delay)
                 delay *= 2
@@ -405,13 +413,13 @@ class AsyncKuiperClient:
                 call.cancel()
 
     async def _unary(self, method, request, timeout: float | None):
-        timeout = self.timeout if timeout is None else timeout
+        timeout = self._call_timeout(timeout)
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
                 return await method(request, timeout=timeout)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                if self._retry_unary(exc, attempt):
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
@@ -448,9 +456,7 @@ class AsyncKuiperClient:
         add_special_tokens: bool | None = None,
         timeout: float | None = None,
     ) -> list[list[int]]:
-        req = tpb.EncodeRequest(texts=list(texts))
-        if add_special_tokens is not None:
-            req.add_special_tokens = add_special_tokens
+        req = _encode_request(texts, add_special_tokens)
         resp = await self._unary(self._tokenizer().Encode, req, timeout)
         return [list(r.ids) for r in resp.results]
 
@@ -460,8 +466,5 @@ class AsyncKuiperClient:
         skip_special_tokens: bool = False,
         timeout: float | None = None,
     ) -> list[str]:
-        req = tpb.DecodeRequest(
-            sequences=[tpb.TokenIds(ids=list(s)) for s in sequences],
-            skip_special_tokens=skip_special_tokens,
-        )
+        req = _decode_request(sequences, skip_special_tokens)
         return list((await self._unary(self._tokenizer().Decode, req, timeout)).texts)
