@@ -21,8 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 
@@ -46,6 +44,7 @@ from inference_service.tokenizer_client import (
     TokenizerRequestError,
     TokenizerUnavailableError,
 )
+from tokenizer_service.grpc_health import ServerHealth
 
 log = logging.getLogger("kuiper.inference")
 
@@ -404,26 +403,14 @@ def _build_engine(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
 
 
 async def serve(cfg: ServerConfig) -> int:
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else None
-    if health_servicer is None:  # pragma: no cover - older grpcio-health-checking
-        health_servicer = health.HealthServicer()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ]
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server_health = ServerHealth(server, SERVICE_NAME)
+    await server_health.set_serving(False)
 
     # Listen first: a taken port fails at once, and health says NOT_SERVING while loading.
     front = LoadingServicer()
@@ -455,8 +442,7 @@ async def serve(cfg: ServerConfig) -> int:
     )
     print(f"warm-up done in {time.monotonic() - t0:.1f}s", flush=True)
     stop_ids_task = asyncio.create_task(_stop_ids_from_tokenizer(engine, tokenizer))
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await server_health.set_serving(True)
     print(
         f"inference service: {model.source} on {engine.backend.device_name}, "
         f"{engine.num_blocks} KV blocks x {engine.block_manager.block_size} tokens; "
@@ -476,7 +462,7 @@ async def serve(cfg: ServerConfig) -> int:
         f"draining: finishing {servicer.num_streams} stream(s) (grace {cfg.grace_s:g}s)", flush=True
     )
     servicer.draining = True
-    await health_servicer.enter_graceful_shutdown()
+    await server_health.enter_graceful_shutdown()
     deadline = time.monotonic() + cfg.grace_s
     while servicer.num_streams and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

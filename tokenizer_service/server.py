@@ -22,8 +22,6 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -34,6 +32,7 @@ from tokenizer_service.defaults import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
 )
+from tokenizer_service.grpc_health import ServerHealth
 from tokenizer_service.incremental import IncrementalDecoder
 from tokenizer_service.tokenizer import Tokenizer, load_tokenizer
 
@@ -445,14 +444,9 @@ async def serve_async(
             ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent second server
         ],
     )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server_health = ServerHealth(server, SERVICE_NAME)
     servicer.add_to_server(server)
-    reflection.enable_server_reflection(
-        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server_health.set_serving(False)
 
     address = f"{host}:{port}"
     try:
@@ -502,13 +496,12 @@ async def serve_async(
                 servicer.tokenizer = loading.result()
             except Exception as exc:  # any load failure ends the server with one clear line
                 raise ServeError(f"cannot load the tokenizer: {exc}") from None
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await server_health.set_serving(True)
             log.info("SERVING %s", SERVICE_NAME)
             await stopping
         log.info("stop requested: NOT_SERVING, draining in-flight calls (grace %.1fs)", grace)
     finally:
-        await health_servicer.enter_graceful_shutdown()
+        await server_health.enter_graceful_shutdown()
         await server.stop(grace)
         if metrics_http is not None:
             metrics_http.shutdown()
