@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from inference_service.engine.engine import StepStats
@@ -10,59 +13,56 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+@dataclass(frozen=True)
+class _MetricFactory:
+    """Metrics named `prefix + name`, all in one registry."""
+
+    prefix: str
+    registry: CollectorRegistry
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(self.prefix + name, doc, labels, registry=self.registry)
+
+    def gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(self.prefix + name, doc, registry=self.registry)
+
+    def histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(self.prefix + name, doc, buckets=buckets, registry=self.registry)
+
+
 class InferenceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        p = "kuiper_inference_"
-        self.requests = Counter(
-            p + "requests",
-            "Finished RPCs by method and gRPC status code.",
-            ["method", "code"],
-            registry=r,
+        m = _MetricFactory("kuiper_inference_", self.registry)
+        self.requests = m.counter(
+            "requests", "Finished RPCs by method and gRPC status code.", ["method", "code"]
         )
-        self.ttft = Histogram(
-            p + "time_to_first_token_seconds",
+        self.ttft = m.histogram(
+            "time_to_first_token_seconds",
             "Request arrival to first generated token.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.itl = Histogram(
-            p + "inter_token_latency_seconds",
-            "Time between streamed token messages.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.itl = m.histogram(
+            "inter_token_latency_seconds", "Time between streamed token messages.", LATENCY_BUCKETS
         )
-        self.queue_time = Histogram(
-            p + "queue_time_seconds",
-            "Time waiting before the first scheduling step.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.queue_time = m.histogram(
+            "queue_time_seconds", "Time waiting before the first scheduling step.", LATENCY_BUCKETS
         )
-        self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens accepted.", registry=r)
-        self.generation_tokens = Counter(
-            p + "generation_tokens", "Tokens generated and streamed.", registry=r
+        self.prompt_tokens = m.counter("prompt_tokens", "Prompt tokens accepted.")
+        self.generation_tokens = m.counter("generation_tokens", "Tokens generated and streamed.")
+        self.running = m.gauge("running_sequences", "Sequences holding KV blocks.")
+        self.waiting = m.gauge("waiting_sequences", "Sequences waiting to run.")
+        self.batch_size = m.histogram("batch_size", "Sequences per engine step.", BATCH_BUCKETS)
+        self.kv_used = m.gauge("kv_blocks_used", "KV cache blocks in use.")
+        self.kv_total = m.gauge("kv_blocks_total", "KV cache blocks in the pool.")
+        self.prefix_hits = m.gauge(
+            "prefix_cache_hit_blocks", "KV blocks reused from the prefix cache (cumulative)."
         )
-        self.running = Gauge(p + "running_sequences", "Sequences holding KV blocks.", registry=r)
-        self.waiting = Gauge(p + "waiting_sequences", "Sequences waiting to run.", registry=r)
-        self.batch_size = Histogram(
-            p + "batch_size", "Sequences per engine step.", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.kv_used = Gauge(p + "kv_blocks_used", "KV cache blocks in use.", registry=r)
-        self.kv_total = Gauge(p + "kv_blocks_total", "KV cache blocks in the pool.", registry=r)
-        self.prefix_hits = Gauge(
-            p + "prefix_cache_hit_blocks",
-            "KV blocks reused from the prefix cache (cumulative).",
-            registry=r,
-        )
-        self.prefix_queries = Gauge(
-            p + "prefix_cache_queried_blocks",
+        self.prefix_queries = m.gauge(
+            "prefix_cache_queried_blocks",
             "Full prompt blocks looked up in the prefix cache (cumulative).",
-            registry=r,
         )
-        self.preemptions = Gauge(
-            p + "preemptions", "Sequences preempted for KV space (cumulative).", registry=r
-        )
+        self.preemptions = m.gauge("preemptions", "Sequences preempted for KV space (cumulative).")
 
     def on_step(self, stats: StepStats) -> None:
         """Engine-thread hook (prometheus_client is thread-safe)."""
