@@ -7,7 +7,6 @@ the gguf library (gguf.quants.dequantize)."""
 
 from __future__ import annotations
 
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from inference_service.models.config import ModelLoadError
+from inference_service.models.mapped_file import map_readonly
 
 _SCALARS = {
     0: ("<B", 1),
@@ -116,11 +116,7 @@ class _Cursor:
 def read_gguf(path: Path) -> GGUFFile:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot open: {exc}") from None
+    mm = map_readonly(path)
     buf = memoryview(mm)
     cur = _Cursor(buf, path)
     cur.need(24)

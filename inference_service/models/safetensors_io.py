@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import mmap
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from inference_service.models.config import ModelLoadError
+from inference_service.models.mapped_file import map_readonly
 
 _DTYPES = {
     "F32": np.float32,
@@ -32,11 +32,7 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(tensors, source dtype names) of one file. F32/F16 arrays are views of the mmap;
     BF16 is widened to float32 (numpy has no bfloat16)."""
-    try:
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot open: {exc}") from None
+    mm = map_readonly(path)
     size = len(mm)
     if size < 8:
         raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes)")
