@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from models_util import hf_greedy, hf_logits
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.numpy_backend import NumpyBackend
@@ -30,18 +31,9 @@ def test_greedy_story_identical_to_transformers(smollm2_gguf):
     ids = tok.encode(STORY)
     folder, name = smollm2_gguf.parent, smollm2_gguf.name
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    with torch.no_grad():
-        ref_out = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=N_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        # Prompt logits for a tolerance check too (one full forward pass).
-        ref_logits = hf(torch.tensor([ids])).logits[0, -1].numpy()
-    expected = ref_out[0, len(ids) :].tolist()
+    expected = hf_greedy(hf, ids, N_TOKENS)
+    # Prompt logits for a tolerance check too (one full forward pass).
+    ref_logits = hf_logits(hf, ids)[-1]
     del hf
 
     backend = NumpyBackend(load_model(smollm2_gguf), num_blocks=8, block_size=16)
