@@ -55,12 +55,16 @@ def make_seq(seq_id, prompt, max_new, eos=(EOS,), max_total=10_000):
     )
 
 
+def make_stack(num_blocks, max_batch, max_tokens, bs=4, prefix_caching=True):
+    """FakeBackend and BlockManager over the same pool of `num_blocks`, and a Scheduler."""
+    backend = FakeBackend(num_blocks=num_blocks, block_size=bs, vocab_size=VOCAB)
+    bm = BlockManager(num_blocks, bs, enable_prefix_caching=prefix_caching)
+    config = SchedulerConfig(max_batch_size=max_batch, max_num_batched_tokens=max_tokens)
+    return backend, bm, Scheduler(config, bm)
+
+
 def test_long_prompt_is_chunked_and_decodes_keep_running():
-    bs = 4
-    backend = FakeBackend(num_blocks=64, block_size=bs, vocab_size=VOCAB)
-    sched = Scheduler(
-        SchedulerConfig(max_batch_size=4, max_num_batched_tokens=8), BlockManager(64, bs)
-    )
+    backend, _, sched = make_stack(64, max_batch=4, max_tokens=8)
     short = make_seq(1, [5, 6], max_new=30, eos=())
     sched.add(short)
     run_step(sched, backend)  # prefill the short one
@@ -84,10 +88,7 @@ def test_long_prompt_is_chunked_and_decodes_keep_running():
 
 
 def test_preemption_takes_the_newest_and_recomputes_exactly():
-    bs = 4
-    backend = FakeBackend(num_blocks=6, block_size=bs, vocab_size=VOCAB)
-    bm = BlockManager(6, bs, enable_prefix_caching=False)
-    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=64), bm)
+    backend, bm, sched = make_stack(6, max_batch=4, max_tokens=64, prefix_caching=False)
     seqs = [make_seq(i, [i + 10] * 6, max_new=10, eos=()) for i in range(3)]
     for s in seqs:
         sched.add(s)
@@ -105,10 +106,7 @@ def test_preemption_takes_the_newest_and_recomputes_exactly():
 
 
 def test_sequence_too_long_for_the_whole_pool_ends_with_length():
-    bs = 4
-    backend = FakeBackend(num_blocks=2, block_size=bs, vocab_size=VOCAB)
-    bm = BlockManager(2, bs)
-    sched = Scheduler(SchedulerConfig(max_batch_size=2, max_num_batched_tokens=16), bm)
+    backend, bm, sched = make_stack(2, max_batch=2, max_tokens=16)
     s = make_seq(1, [1, 2, 4], max_new=20, eos=())
     sched.add(s)
     for _ in range(50):
@@ -122,10 +120,7 @@ def test_sequence_too_long_for_the_whole_pool_ends_with_length():
 
 
 def test_cancel_frees_blocks_at_next_step():
-    bs = 4
-    backend = FakeBackend(num_blocks=16, block_size=bs, vocab_size=VOCAB)
-    bm = BlockManager(16, bs)
-    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_num_batched_tokens=32), bm)
+    backend, bm, sched = make_stack(16, max_batch=4, max_tokens=32)
     s = make_seq(1, list(range(10)), max_new=100, eos=())
     sched.add(s)
     run_step(sched, backend)
@@ -137,11 +132,7 @@ def test_cancel_frees_blocks_at_next_step():
 
 
 def test_batch_size_limit():
-    bs = 4
-    backend = FakeBackend(num_blocks=64, block_size=bs, vocab_size=VOCAB)
-    sched = Scheduler(
-        SchedulerConfig(max_batch_size=2, max_num_batched_tokens=64), BlockManager(64, bs)
-    )
+    backend, _, sched = make_stack(64, max_batch=2, max_tokens=64)
     for i in range(5):
         sched.add(make_seq(i, [i + 1, 7], max_new=3, eos=()))
     while sched.has_unfinished():
@@ -157,10 +148,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         super().__init__()
         self.bs = 4
         self.num_blocks = 12
-        self.backend = FakeBackend(self.num_blocks, self.bs, vocab_size=VOCAB)
-        self.bm = BlockManager(self.num_blocks, self.bs)
-        self.sched = Scheduler(
-            SchedulerConfig(max_batch_size=3, max_num_batched_tokens=10), self.bm
+        self.backend, self.bm, self.sched = make_stack(
+            self.num_blocks, max_batch=3, max_tokens=10, bs=self.bs
         )
         self.live: dict[int, Sequence] = {}
         self.cancelled: set[int] = set()
@@ -241,11 +230,7 @@ TestSchedulerMachine = SchedulerMachine.TestCase
 
 
 def test_decodes_go_before_an_older_sequence_still_prefilling():
-    bs = 4
-    backend = FakeBackend(num_blocks=64, block_size=bs, vocab_size=VOCAB)
-    sched = Scheduler(
-        SchedulerConfig(max_batch_size=4, max_num_batched_tokens=8), BlockManager(64, bs)
-    )
+    backend, _, sched = make_stack(64, max_batch=4, max_tokens=8)
     long = make_seq(1, list(range(10, 50)), max_new=2, eos=())
     short = make_seq(2, [5, 6], max_new=30, eos=())
     # The long prompt was preempted and comes back first (front of the queue, older), with
