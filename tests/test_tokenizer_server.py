@@ -175,17 +175,20 @@ def test_tokenizer_info(served, kind):
 # ---- Encode / Decode against the libraries --------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_encode_decode_match_library(served, kind):
-    s = served[kind]
-    texts = SAMPLE_TEXTS + corpus_lines(150, seed=11)
-    reply = s.stub.Encode(pb.EncodeRequest(texts=texts), timeout=30)
+def check_encode_decode(s, texts: list[str], timeout: float) -> None:
+    """Encode then Decode `texts` through the server; both must match the library's own."""
+    reply = s.stub.Encode(pb.EncodeRequest(texts=texts), timeout=timeout)
     got = [list(r.ids) for r in reply.results]
     assert got == [s.encode(t) for t in texts]
     decoded = s.stub.Decode(
-        pb.DecodeRequest(sequences=reply.results, skip_special_tokens=s.skip), timeout=30
+        pb.DecodeRequest(sequences=reply.results, skip_special_tokens=s.skip), timeout=timeout
     )
     assert list(decoded.texts) == [s.decode(ids) for ids in got]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encode_decode_match_library(served, kind):
+    check_encode_decode(served[kind], SAMPLE_TEXTS + corpus_lines(150, seed=11), timeout=30)
 
 
 def test_encode_without_special_tokens(served):
@@ -210,13 +213,7 @@ def test_encode_decode_random_text(served, kind):
     )
     @given(texts=st.lists(text_strategy, min_size=1, max_size=12))
     def check(texts):
-        reply = s.stub.Encode(pb.EncodeRequest(texts=texts), timeout=10)
-        got = [list(r.ids) for r in reply.results]
-        assert got == [s.encode(t) for t in texts]
-        decoded = s.stub.Decode(
-            pb.DecodeRequest(sequences=reply.results, skip_special_tokens=s.skip), timeout=10
-        )
-        assert list(decoded.texts) == [s.decode(ids) for ids in got]
+        check_encode_decode(s, texts, timeout=10)
 
     check()
 
