@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Re-exported: tests import REPO_ROOT and free_port from here as well as from servers.
+from servers import REPO_ROOT, free_port  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):
