@@ -10,6 +10,7 @@ import json
 import random
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -172,6 +173,14 @@ def build_sentencepiece(folder: Path, model_type: str, llama_like: bool = False)
     return prefix.with_suffix(".model")
 
 
+def _write_gguf(writer: Any) -> None:
+    """Write a filled gguf.GGUFWriter's header, metadata and tensors, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def build_llama_gguf(sp_model: Path, out: Path, chat_template: str | None = None) -> Path:
     """A GGUF file whose embedded vocabulary is `sp_model`, written as llama.cpp's converter
     writes Llama's (tokens, scores, token types, special ids); no tensors."""
@@ -206,10 +215,7 @@ def build_llama_gguf(sp_model: Path, out: Path, chat_template: str | None = None
     writer.add_add_eos_token(False)
     if chat_template:
         writer.add_chat_template(chat_template)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_gguf(writer)
     return out
 
 
@@ -235,8 +241,5 @@ def build_bpe_gguf(hf_folder: Path, out: Path, pre: str, architecture: str = "ll
     writer.add_bos_token_id(vocab["<|im_start|>"])
     writer.add_eos_token_id(vocab["<|im_end|>"])
     writer.add_add_bos_token(False)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write_gguf(writer)
     return out
