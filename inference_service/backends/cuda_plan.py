@@ -24,9 +24,8 @@ DEC_WARPS = 8
 DEC_THREADS = 32 * DEC_WARPS
 DEC_UNROLLS = (1, 2, 4, 8)
 DEC_U = 2  # default unroll of the helpers below
-DECODE_UNROLL_DEFAULT = (
-    4  # split decode kernel, 4 keys in flight: fastest on the H100 (bench/README.md)
-)
+# Split decode kernel with 4 keys in flight: fastest on the H100 (bench/README.md, "Run 3").
+DECODE_UNROLL_DEFAULT = 4
 
 
 def check_supported(c: ModelConfig) -> None:
