@@ -7,6 +7,7 @@ import json
 import sys
 
 from inference_service.engine.sampling_params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from tokenizer_service.cli import add_client_security_arguments
 
 DEFAULT_ADDRESS = "localhost:50051"
 
@@ -25,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--local: where to run (auto: cuda if present, else cpu)")  # fmt: skip
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="inference service host:port")
     p.add_argument("--timeout", type=float, default=None, help="served: deadline in seconds")
+    add_client_security_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help=f"tokens to generate at most (0: default, {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")

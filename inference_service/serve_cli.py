@@ -13,6 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from tokenizer_service.cli import add_security_arguments
+from tokenizer_service.defaults import AUTH_TOKEN_ENV
+
 DEFAULT_PORT = 50051
 DEFAULT_TOKENIZER_PORT = 50052
 DEFAULT_METRICS_PORT = 9091
@@ -77,6 +80,23 @@ def register(subparsers) -> None:
         default=DEFAULT_METRICS_PORT,
         help="Prometheus /metrics port (0: off)",
     )
+    add_security_arguments(p)
+    p.add_argument(
+        "--tokenizer-tls",
+        action="store_true",
+        help="reach the tokenizer service over TLS, trusting the system's CAs",
+    )
+    p.add_argument(
+        "--tokenizer-tls-ca",
+        metavar="PEM",
+        help="reach the tokenizer service over TLS, trusting this CA certificate "
+        "(for a self-signed tokenizer certificate: that certificate)",
+    )
+    p.add_argument(
+        "--tokenizer-auth-token",
+        default=None,
+        help="bearer token for the tokenizer service (default: the same as --auth-token)",
+    )
     _add_engine_flags(p)
     p.set_defaults(func=cmd_serve_inference)
 
@@ -109,12 +129,21 @@ def register(subparsers) -> None:
         help="stop both services after the demo instead of serving on",
     )
     u.add_argument("--startup-timeout", type=float, default=900.0)
+    add_security_arguments(u)
+    u.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA that signed --tls-cert, trusted by the inference service (for the tokenizer) "
+        "and by the health checks and demo (default: --tls-cert itself, right for a "
+        "self-signed certificate; it must name --host)",
+    )
     _add_engine_flags(u)
     u.set_defaults(func=cmd_up)
 
 
 def cmd_serve_inference(args: argparse.Namespace) -> int:
     from inference_service.server import ServerConfig, serve
+    from tokenizer_service.auth import Security
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = ServerConfig(
@@ -131,6 +160,10 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_num_batched_tokens=args.max_batched_tokens,
         grace_s=args.grace,
+        security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
+        tokenizer_tls=args.tokenizer_tls,
+        tokenizer_tls_ca=args.tokenizer_tls_ca,
+        tokenizer_auth_token=args.tokenizer_auth_token or args.auth_token or None,
     )
     try:
         return asyncio.run(serve(cfg))
@@ -140,13 +173,23 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
 
 
 # ---- kuiper up ---------------------------------------------------------------------------
-def wait_healthy(address: str, proc: subprocess.Popen, timeout: float, service: str = "") -> None:
-    """Poll grpc.health.v1 until SERVING; raise if the process exits or time runs out."""
+def wait_healthy(
+    address: str,
+    proc: subprocess.Popen,
+    timeout: float,
+    service: str = "",
+    tls_ca: str | None = None,
+) -> None:
+    """Poll grpc.health.v1 until SERVING (over TLS trusting `tls_ca` when given; health needs
+    no token); raise if the process exits or time runs out."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tokenizer_service.auth import open_channel
+
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel, _ = open_channel(address, ca=tls_ca)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -192,11 +235,13 @@ def _stop(procs: list[subprocess.Popen], timeout: float = 40.0) -> list[int]:
     return codes
 
 
-def _run_demo(address: str, prompt: str, max_new_tokens: int) -> None:
+def _run_demo(
+    address: str, prompt: str, max_new_tokens: int, tls_ca: str | None, token: str | None
+) -> None:
     from kuiper_client import KuiperClient
 
     print(f"\n>>> {prompt}", flush=True)
-    with KuiperClient(address) as client:
+    with KuiperClient(address, tls_ca=tls_ca, token=token) as client:
         sys.stdout.write(prompt)
         final = None
         for chunk in client.generate(
@@ -237,6 +282,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting),
         "--max-batched-tokens", str(args.max_batched_tokens), "--grace", str(args.grace),
     ]  # fmt: skip
+    # Same TLS and token on both; the token travels in the environment (not seen in ps).
+    tls_ca = (args.tls_ca or args.tls_cert) if args.tls_cert else None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            print("kuiper up: TLS needs both --tls-cert and --tls-key", file=sys.stderr)
+            return 1
+        tls = ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
+        tok_cmd += tls
+        inf_cmd += tls + ["--tokenizer-tls-ca", tls_ca]
     if args.kv_memory is not None:
         inf_cmd += ["--kv-memory", str(args.kv_memory)]
     if args.num_kv_blocks is not None:
@@ -252,6 +306,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen] = []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.auth_token:
+        env[AUTH_TOKEN_ENV] = args.auth_token
     started = {}
     try:
         for name, cmd, addr, service in (
@@ -270,7 +326,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             started[name] = (proc, log_path)
             print(f"starting {name} service (log: {log_path}) ...", flush=True)
             try:
-                wait_healthy(addr, proc, args.startup_timeout, service)
+                wait_healthy(addr, proc, args.startup_timeout, service, tls_ca)
             except (RuntimeError, TimeoutError) as exc:
                 print(f"kuiper up: {name} service {exc}\n{_log_tail(log_path)}", file=sys.stderr)
                 _stop(procs)
@@ -280,10 +336,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.metrics_port > 0:
             print(f"metrics: http://{args.host}:{args.metrics_port}/metrics (inference), "
                   f"http://{args.host}:{tok_metrics}/metrics (tokenizer)", flush=True)  # fmt: skip
-        print(f'try: kuiper generate --address {inf_addr} "Once upon a time"', flush=True)
+        secure = f" --tls-ca {tls_ca}" if tls_ca else ""
+        print(f'try: kuiper generate --address {inf_addr}{secure} "Once upon a time"', flush=True)
         if args.demo is not None:
             try:
-                _run_demo(inf_addr, args.demo, args.demo_max_new_tokens)
+                _run_demo(
+                    inf_addr, args.demo, args.demo_max_new_tokens, tls_ca, args.auth_token or None
+                )
             except Exception as exc:  # a failed demo must still stop both services
                 print(f"\nkuiper up: demo failed: {exc}", file=sys.stderr)
                 _stop(list(reversed(procs)))

@@ -18,7 +18,7 @@ import math
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from kuiper.v1 import inference_pb2 as ipb
@@ -44,6 +44,7 @@ from inference_service.tokenizer_client import (
     TokenizerRequestError,
     TokenizerUnavailableError,
 )
+from tokenizer_service.auth import Security, add_port, count_rejections
 from tokenizer_service.grpc_health import ServerHealth
 
 log = logging.getLogger("kuiper.inference")
@@ -357,6 +358,11 @@ class ServerConfig:
     max_num_batched_tokens: int = 512
     grace_s: float = 30.0
     tokenizer_timeout_s: float = 5.0
+    security: Security = field(default_factory=Security)
+    # The connection to the tokenizer service: TLS when tokenizer_tls or tokenizer_tls_ca.
+    tokenizer_tls: bool = False
+    tokenizer_tls_ca: str | None = None
+    tokenizer_auth_token: str | None = None
 
 
 async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -> None:
@@ -403,11 +409,26 @@ def _build_engine(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
 
 
 async def serve(cfg: ServerConfig) -> int:
+    """Raises ValueError (bad TLS files) or OSError (port taken) when it cannot start."""
+    metrics = InferenceMetrics()
+    credentials = cfg.security.credentials()
+    # Before the slow model load, so an unreadable CA file fails at once.
+    try:
+        tokenizer = TokenizerClient(
+            cfg.tokenizer_address,
+            timeout_s=cfg.tokenizer_timeout_s,
+            tls=cfg.tokenizer_tls,
+            tls_ca=cfg.tokenizer_tls_ca,
+            token=cfg.tokenizer_auth_token,
+        )
+    except OSError as exc:
+        raise ValueError(f"cannot read --tokenizer-tls-ca: {exc}") from None
     server = grpc.aio.server(
+        interceptors=cfg.security.interceptors(count_rejections(metrics.requests)),
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     server_health = ServerHealth(server, SERVICE_NAME)
     await server_health.set_serving(False)
@@ -415,7 +436,7 @@ async def serve(cfg: ServerConfig) -> int:
     # Listen first: a taken port fails at once, and health says NOT_SERVING while loading.
     front = LoadingServicer()
     igrpc.add_InferenceServiceServicer_to_server(front, server)
-    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    bound = add_port(server, f"{cfg.host}:{cfg.port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
     await server.start()
@@ -424,8 +445,6 @@ async def serve(cfg: ServerConfig) -> int:
     engine, model = await asyncio.to_thread(_build_engine, cfg)
     print(f"loaded {model.source} in {time.monotonic() - t0:.1f}s", flush=True)
     engine.start()
-    tokenizer = TokenizerClient(cfg.tokenizer_address, timeout_s=cfg.tokenizer_timeout_s)
-    metrics = InferenceMetrics()
     metrics.kv_total.set(engine.num_blocks)
     engine.add_stats_listener(metrics.on_step)
     servicer = InferenceServicer(engine, tokenizer, metrics, model)
@@ -446,7 +465,7 @@ async def serve(cfg: ServerConfig) -> int:
     print(
         f"inference service: {model.source} on {engine.backend.device_name}, "
         f"{engine.num_blocks} KV blocks x {engine.block_manager.block_size} tokens; "
-        f"listening on {cfg.host}:{bound}"
+        f"listening on {cfg.host}:{bound} ({cfg.security.describe()})"
         + (f", metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port > 0 else "")
         + f", tokenizer at {tokenizer.address}",
         flush=True,

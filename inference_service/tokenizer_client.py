@@ -15,10 +15,13 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
+
+from tokenizer_service.auth import open_channel
 
 ADDRESS_ENV = "KUIPER_TOKENIZER_ADDRESS"
 DEFAULT_ADDRESS = "localhost:50052"
@@ -65,12 +68,20 @@ class TokenizerClient:
         timeout_s: float = 5.0,
         retries: int = 3,
         backoff_s: float = 0.1,
+        *,
+        tls: bool = False,
+        tls_ca: str | Path | None = None,
+        token: str | None = None,
     ):
+        """TLS when `tls` or `tls_ca` (trusting `tls_ca`, else the system roots); `token`: the
+        tokenizer service's bearer token. Raises OSError when `tls_ca` cannot be read."""
         self.address = address or default_address()
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
-        self.channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.channel, self.metadata = open_channel(
+            self.address, tls=tls, ca=tls_ca, token=token, options=CHANNEL_OPTIONS, aio=True
+        )
         self.stub = tgrpc.TokenizerServiceStub(self.channel)
         self.decoder = DecodeStreamMux(self)
 
@@ -84,7 +95,9 @@ class TokenizerClient:
         delay = self.backoff_s
         for attempt in range(self.retries + 1):
             try:
-                return await method(request, timeout=timeout_s or self.timeout_s)
+                return await method(
+                    request, timeout=timeout_s or self.timeout_s, metadata=self.metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
@@ -194,7 +207,7 @@ class DecodeStreamMux:
         their text deltas (in order) or fails with TokenizerUnavailableError."""
         async with self._lock:
             if self._call is None:
-                self._call = self.client.stub.DecodeStream()
+                self._call = self.client.stub.DecodeStream(metadata=self.client.metadata)
                 self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
             call = self._call
             fut = asyncio.get_running_loop().create_future()

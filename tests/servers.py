@@ -50,6 +50,25 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A throwaway certificate + key (PEM) for localhost and 127.0.0.1, made with the openssl
+    command (pytest.skip when it is missing). The certificate is its own CA."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
     """A plaintext channel, or a TLS one when `credentials` are given."""
     if credentials is None:

@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
-from servers import ServerProcess, free_port, kuiper_command, start_server
+from servers import ServerProcess, free_port, kuiper_command, server_env, start_server
 
 INFERENCE_SERVICE = "kuiper.v1.InferenceService"
 
@@ -93,28 +94,60 @@ class Stack:
         return out
 
 
-def start_tokenizer(model: Path, port: int | None = None) -> ServerProcess:
+@dataclass(frozen=True)
+class StackSecurity:
+    """TLS (a self-signed certificate, also the CA clients trust) and/or a bearer token for
+    both services of a test stack; the token reaches them through $KUIPER_AUTH_TOKEN."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    token: str | None = None
+
+    def server_args(self) -> list[str]:
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)] if self.cert else []
+
+    def env(self) -> dict[str, str]:
+        return server_env({"KUIPER_AUTH_TOKEN": self.token} if self.token else None)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """For health probes (no token needed)."""
+        if self.cert is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.cert.read_bytes())
+
+
+def start_tokenizer(
+    model: Path, port: int | None = None, security: StackSecurity = StackSecurity()
+) -> ServerProcess:
     port = port or free_port()
     return start_server(
         kuiper_command("serve-tokenizer", "--model", str(model), "--port", str(port),
-                       "--metrics-port", "-1"),
+                       "--metrics-port", "-1", *security.server_args()),
         port,
+        env=security.env(),
         wait=False,
+        credentials=security.credentials(),
     )  # fmt: skip
 
 
 @contextmanager
-def run_stack(model: Path, *extra: str, device: str = "cpu"):
-    tok = start_tokenizer(model)
+def run_stack(
+    model: Path, *extra: str, device: str = "cpu", security: StackSecurity = StackSecurity()
+):
+    tok = start_tokenizer(model, security=security)
     port, metrics_port = free_port(), free_port()
+    tokenizer_tls = ["--tokenizer-tls-ca", str(security.cert)] if security.cert else []
     inf = start_server(
         kuiper_command(
             "serve-inference", "--model", str(model), "--device", device, "--host", "127.0.0.1",
             "--port", str(port), "--tokenizer-address", tok.address,
-            "--metrics-port", str(metrics_port), "--grace", "20", *extra,
+            "--metrics-port", str(metrics_port), "--grace", "20", *security.server_args(),
+            *tokenizer_tls, *extra,
         ),
         port,
+        env=security.env(),
         wait=False,
+        credentials=security.credentials(),
     )  # fmt: skip
     stack = Stack(tok, inf, metrics_port, model)
     try:

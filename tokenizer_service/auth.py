@@ -1,14 +1,16 @@
-"""Optional transport security for a grpc.aio server: TLS and a shared bearer token.
+"""Optional transport security for the kuiper gRPC servers and their clients: TLS and a shared
+bearer token.
 
-Generic on purpose (any service can use it). Health and reflection stay open so that
-Kubernetes probes and `grpcurl list` work without the token; every other method needs the
+Generic on purpose (both services and every client use it). Health and reflection stay open so
+that Kubernetes probes and `grpcurl list` work without the token; every other method needs the
 metadata `authorization: Bearer <token>` or gets UNAUTHENTICATED.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,55 @@ def server_credentials(cert: str | Path, key: str | Path) -> grpc.ServerCredenti
     return grpc.ssl_server_credentials([(private, chain)])
 
 
+@dataclass(frozen=True)
+class Security:
+    """A server's optional TLS (PEM certificate chain + key) and the bearer token every call
+    must carry."""
+
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials, or None for plaintext. ValueError says what is missing."""
+        if not (self.tls_cert or self.tls_key):
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        return server_credentials(self.tls_cert, self.tls_key)
+
+    def interceptors(
+        self, on_reject: Callable[[str], None] | None = None
+    ) -> list[grpc.aio.ServerInterceptor]:
+        """The token check (empty without a token); `on_reject(method)` counts refusals."""
+        if not self.auth_token:
+            return []
+        return [BearerTokenInterceptor(self.auth_token, on_reject)]
+
+    def describe(self) -> str:
+        """For the startup log line, e.g. "TLS, bearer token required"."""
+        mode = "TLS" if self.tls_cert else "plaintext"
+        return mode + (", bearer token required" if self.auth_token else "")
+
+
+def count_rejections(requests: Any) -> Callable[[str], None]:
+    """An `on_reject` that counts a refused call in a Prometheus counter labelled
+    (method, code), as the servers count every other final status."""
+    return lambda method: requests.labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+
+
+def add_port(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Listen on `address` (TLS when `credentials`); returns the bound port, 0 on failure."""
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc raises instead of returning 0 for some bind failures
+        return 0
+
+
 def channel_credentials(
     ca: str | Path | None = None, token: str | None = None
 ) -> grpc.ChannelCredentials:
@@ -45,6 +96,26 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying the token (for plaintext channels, where call credentials
     are not allowed)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def open_channel(
+    address: str,
+    *,
+    tls: bool = False,
+    ca: str | Path | None = None,
+    token: str | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    aio: bool = False,
+) -> tuple[Any, tuple[tuple[str, str], ...]]:
+    """A client channel and the metadata each call must send. TLS when `tls` or `ca` is given
+    (trusting `ca`, else the system roots), the token then rides as call credentials; on
+    plaintext (call credentials need TLS) it goes in the returned metadata instead. Raises
+    OSError when `ca` cannot be read."""
+    module = grpc.aio if aio else grpc
+    if tls or ca:
+        creds = channel_credentials(ca, token)
+        return module.secure_channel(address, creds, options=list(options)), ()
+    return module.insecure_channel(address, options=list(options)), bearer_metadata(token)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -53,6 +53,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight calls get to finish after SIGTERM/SIGINT "
         f"(default {DEFAULT_GRACE_S:g})",
     )
+    add_security_arguments(parser)
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls-cert, --tls-key, --auth-token: the same for every kuiper server."""
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
     parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     parser.add_argument(
@@ -64,7 +69,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from tokenizer_service.server import Security, serve
+    from tokenizer_service.auth import Security
+    from tokenizer_service.server import serve
 
     metrics_port = None if args.metrics_port < 0 else args.metrics_port
     security = Security(args.tls_cert, args.tls_key, args.auth_token or None)
@@ -77,6 +83,11 @@ def _client_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
         help=f"tokenizer service HOST:PORT (default ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
     )
+    add_client_security_arguments(parser)
+
+
+def add_client_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls, --tls-ca, --auth-token (alias --token): the same for every client command."""
     parser.add_argument(
         "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
     )
@@ -85,25 +96,25 @@ def _client_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--auth-token",
+        "--token",
+        dest="auth_token",
         default=os.environ.get(AUTH_TOKEN_ENV),
         help=f"bearer token the server requires (default ${AUTH_TOKEN_ENV})",
     )
 
 
 def _stub(args: argparse.Namespace) -> tuple[Any, Any, tuple]:
-    import grpc
     from kuiper.v1 import tokenizer_pb2_grpc
 
-    from tokenizer_service.auth import bearer_metadata, channel_credentials
+    from tokenizer_service.auth import open_channel
 
-    options = [("grpc.max_receive_message_length", 256 << 20)]
-    metadata: tuple = ()
-    if args.tls or args.tls_ca:
-        creds = channel_credentials(args.tls_ca, args.auth_token)
-        channel = grpc.secure_channel(args.address, creds, options=options)
-    else:  # call credentials need TLS; on plaintext the token travels as metadata
-        channel = grpc.insecure_channel(args.address, options=options)
-        metadata = bearer_metadata(args.auth_token)
+    channel, metadata = open_channel(
+        args.address,
+        tls=args.tls,
+        ca=args.tls_ca,
+        token=args.auth_token,
+        options=[("grpc.max_receive_message_length", 256 << 20)],
+    )
     return channel, tokenizer_pb2_grpc.TokenizerServiceStub(channel), metadata
 
 

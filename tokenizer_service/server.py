@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tokenizer_service.auth import BearerTokenInterceptor, server_credentials
+from tokenizer_service.auth import Security, add_port, count_rejections
 from tokenizer_service.defaults import (
     DEFAULT_GRACE_S,
     DEFAULT_HOST,
@@ -371,15 +371,6 @@ class TokenizerServicer:
 # ---- running -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Security:
-    """Optional TLS (PEM certificate chain + key) and a bearer token every call must carry."""
-
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    auth_token: str | None = None
-
-
 class ServeError(RuntimeError):
     """The server could not start (port taken, model unreadable); the message says why."""
 
@@ -418,24 +409,11 @@ async def serve_async(
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     servicer = TokenizerServicer(limits, metrics)
-    interceptors = []
-    if security.auth_token:
-        interceptors.append(
-            BearerTokenInterceptor(
-                security.auth_token,
-                on_reject=lambda m: metrics.requests.labels(
-                    m.rsplit("/", 1)[-1], "UNAUTHENTICATED"
-                ).inc(),
-            )
-        )
-    credentials = None
-    if security.tls_cert or security.tls_key:
-        if not (security.tls_cert and security.tls_key):
-            raise ServeError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
-        try:
-            credentials = server_credentials(security.tls_cert, security.tls_key)
-        except ValueError as exc:
-            raise ServeError(str(exc)) from None
+    interceptors = security.interceptors(count_rejections(metrics.requests))
+    try:
+        credentials = security.credentials()
+    except ValueError as exc:
+        raise ServeError(str(exc)) from None
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -449,13 +427,7 @@ async def serve_async(
     await server_health.set_serving(False)
 
     address = f"{host}:{port}"
-    try:
-        if credentials is None:
-            bound = server.add_insecure_port(address)
-        else:
-            bound = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:
-        raise ServeError(f"cannot listen on {address} (is the port in use?): {exc}") from None
+    bound = add_port(server, address, credentials)
     if bound == 0:
         raise ServeError(f"cannot listen on {address} (is the port in use?)")
     metrics_http = None
@@ -467,11 +439,10 @@ async def serve_async(
         log.info("metrics on http://%s:%d/metrics", host, metrics_http.server_port)
     await server.start()
     log.info(
-        "gRPC listening on %s:%d (%s%s; health NOT_SERVING until loaded)",
+        "gRPC listening on %s:%d (%s; health NOT_SERVING until loaded)",
         host,
         bound,
-        "TLS" if credentials else "plaintext",
-        ", bearer token required" if security.auth_token else "",
+        security.describe(),
     )
 
     stop = asyncio.Event()

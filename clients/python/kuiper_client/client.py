@@ -3,15 +3,18 @@
 Both stream Generate/Chat as `GenerateChunk`s, take a deadline per call (`timeout`, seconds),
 retry on UNAVAILABLE while no token has arrived yet (the server was starting, draining or
 briefly unreachable), and raise `KuiperError` (with the gRPC status code) otherwise.
-Encode/Decode go to the tokenizer service (`tokenizer_address`).
+Encode/Decode go to the tokenizer service (`tokenizer_address`). `tls_ca` / `tls` connect
+with TLS, `token` sends the bearer token a server started with --auth-token requires (the
+same settings serve both services).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +22,8 @@ from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
+
+from tokenizer_service.auth import open_channel
 
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_TOKENIZER_ADDRESS = "localhost:50052"
@@ -230,8 +235,7 @@ class _ClientBase:
     """What the blocking and asyncio clients share: settings, channels and when to retry.
     Subclasses differ only in how they wait (blocking vs await)."""
 
-    # grpc.insecure_channel or grpc.aio.insecure_channel
-    _open_channel: Callable[..., Any]
+    _aio: bool  # grpc.aio channels (AsyncKuiperClient) or blocking ones
 
     def __init__(
         self,
@@ -240,19 +244,29 @@ class _ClientBase:
         timeout: float | None = None,
         retries: int = 3,
         backoff: float = 0.2,
+        *,
+        tls_ca: str | Path | None = None,
+        tls: bool = False,
+        token: str | None = None,
     ):
+        """`tls_ca`: connect with TLS trusting this PEM CA certificate; `tls`: TLS trusting the
+        system's CAs; `token`: the servers' bearer token. OSError when `tls_ca` is unreadable."""
         self.address = address
         self.tokenizer_address = tokenizer_address or DEFAULT_TOKENIZER_ADDRESS
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._channel = self._open_channel(address, options=CHANNEL_OPTIONS)
+        self._security = {"tls": tls, "ca": tls_ca, "token": token}
+        self._channel, self._metadata = self._open(address)
         self._stub = igrpc.InferenceServiceStub(self._channel)
         self._tok_channel: grpc.Channel | grpc.aio.Channel | None = None
 
+    def _open(self, address: str) -> tuple[Any, tuple[tuple[str, str], ...]]:
+        return open_channel(address, options=CHANNEL_OPTIONS, aio=self._aio, **self._security)
+
     def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
         if self._tok_channel is None:
-            self._tok_channel = self._open_channel(self.tokenizer_address, options=CHANNEL_OPTIONS)
+            self._tok_channel, _ = self._open(self.tokenizer_address)
         return tgrpc.TokenizerServiceStub(self._tok_channel)
 
     def _call_timeout(self, timeout: float | None) -> float | None:
@@ -281,7 +295,7 @@ class _ClientBase:
 class KuiperClient(_ClientBase):
     """Blocking client. Use as a context manager, or call close()."""
 
-    _open_channel = staticmethod(grpc.insecure_channel)
+    _aio = False
 
     def __enter__(self) -> KuiperClient:
         return self
@@ -299,7 +313,7 @@ class KuiperClient(_ClientBase):
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = self.backoff
         for attempt in range(self.retries + 1):
-            call = method(request, timeout=_remaining(deadline))
+            call = method(request, timeout=_remaining(deadline), metadata=self._metadata)
             received = False
             try:
                 for resp in call:
@@ -319,7 +333,7 @@ class KuiperClient(_ClientBase):
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=timeout)
+                return method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if self._retry_unary(exc, attempt):
                     time.sleep(delay)
@@ -379,7 +393,7 @@ class KuiperClient(_ClientBase):
 class AsyncKuiperClient(_ClientBase):
     """asyncio client (grpc.aio). Use `async with`, or await close()."""
 
-    _open_channel = staticmethod(grpc.aio.insecure_channel)
+    _aio = True
 
     async def __aenter__(self) -> AsyncKuiperClient:
         return self
@@ -397,7 +411,7 @@ class AsyncKuiperClient(_ClientBase):
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = self.backoff
         for attempt in range(self.retries + 1):
-            call = method(request, timeout=_remaining(deadline))
+            call = method(request, timeout=_remaining(deadline), metadata=self._metadata)
             received = False
             try:
                 async for resp in call:
@@ -417,7 +431,7 @@ class AsyncKuiperClient(_ClientBase):
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                return await method(request, timeout=timeout)
+                return await method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if self._retry_unary(exc, attempt):
                     await asyncio.sleep(delay)

@@ -7,7 +7,11 @@ import argparse
 import json
 import sys
 
+import grpc
+
 from kuiper_client.client import DEFAULT_ADDRESS, GenerateChunk, KuiperClient, KuiperError
+from tokenizer_service.cli import add_client_security_arguments
+from tokenizer_service.defaults import AUTH_TOKEN_ENV
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 0) -> None:
@@ -49,8 +53,34 @@ def register(subparsers) -> None:
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="inference service host:port")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--timeout", type=float, default=None, help="deadline per answer, seconds")
+    add_client_security_arguments(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
+
+
+def open_client(
+    args: argparse.Namespace, timeout: float | None, command: str
+) -> KuiperClient | None:
+    """KuiperClient for the --address/--tls/--tls-ca/--auth-token flags; None (after saying
+    why on stderr) when the CA file cannot be read."""
+    try:
+        return KuiperClient(
+            getattr(args, "address", None) or DEFAULT_ADDRESS,
+            timeout=timeout,
+            tls=bool(getattr(args, "tls", False)),
+            tls_ca=getattr(args, "tls_ca", None),
+            token=getattr(args, "auth_token", None) or None,
+        )
+    except OSError as exc:
+        print(f"kuiper {command}: cannot read the TLS CA certificate: {exc}", file=sys.stderr)
+        return None
+
+
+def explain(exc: KuiperError) -> str:
+    """The error, plus what to do when the server wants a token."""
+    if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{exc} (pass --auth-token or set ${AUTH_TOKEN_ENV})"
+    return str(exc)
 
 
 def _stream_to(out, chunks) -> list[GenerateChunk]:
@@ -65,10 +95,12 @@ def _stream_to(out, chunks) -> list[GenerateChunk]:
 def generate_remote(args: argparse.Namespace) -> int:
     """Stream the answer to args.prompt from the service at args.address; with --json print
     one object {"token_ids", "text", "finish_reason", "usage"} at the end instead."""
-    address = getattr(args, "address", None) or DEFAULT_ADDRESS
     as_json = bool(getattr(args, "json", False))
+    client = open_client(args, getattr(args, "timeout", None), "generate")
+    if client is None:
+        return 2
     try:
-        with KuiperClient(address, timeout=getattr(args, "timeout", None)) as client:
+        with client:
             chunks = client.generate(args.prompt, **sampling_kwargs(args))
             if as_json:
                 seen = list(chunks)
@@ -76,7 +108,7 @@ def generate_remote(args: argparse.Namespace) -> int:
                 seen = _stream_to(sys.stdout, chunks)
                 sys.stdout.write("\n")
     except KuiperError as exc:
-        print(f"kuiper generate: {exc}", file=sys.stderr)
+        print(f"kuiper generate: {explain(exc)}", file=sys.stderr)
         return 1
     if as_json:
         last = seen[-1] if seen else None
@@ -95,45 +127,48 @@ def generate_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    try:
-        return _chat_loop(args)
-    except KeyboardInterrupt:  # Ctrl-C ends the chat like EOF does
-        sys.stdout.write("\n")
-        return 0
+    client = open_client(args, args.timeout, "chat")
+    if client is None:
+        return 2
+    with client:
+        try:
+            return _chat_loop(args, client)
+        except KeyboardInterrupt:  # Ctrl-C ends the chat like EOF does
+            sys.stdout.write("\n")
+            return 0
 
 
-def _chat_loop(args: argparse.Namespace) -> int:
+def _chat_loop(args: argparse.Namespace, client: KuiperClient) -> int:
     interactive = sys.stdin.isatty()
     history: list[tuple[str, str]] = []
     if args.system:
         history.append(("system", args.system))
     failures = 0
-    with KuiperClient(args.address, timeout=args.timeout) as client:
-        while True:
-            if interactive:
-                sys.stdout.write("> ")
-                sys.stdout.flush()
-            line = sys.stdin.readline()
-            if not line:
-                break
-            turn = line.rstrip("\r\n")
-            if not turn.strip():
-                continue
-            if turn.strip() in ("/exit", "/quit"):
-                break
-            if not interactive:
-                sys.stdout.write(f"> {turn}\n")  # piped: keep the transcript readable
-            history.append(("user", turn))
-            try:
-                seen = _stream_to(sys.stdout, client.chat(history, **sampling_kwargs(args)))
-            except KuiperError as exc:
-                history.pop()  # the turn got no answer; let the user try again
-                failures += 1
-                print(f"\nkuiper chat: {exc}", file=sys.stderr)
-                continue
-            sys.stdout.write("\n")
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
             sys.stdout.flush()
-            history.append(("assistant", "".join(c.text for c in seen)))
+        line = sys.stdin.readline()
+        if not line:
+            break
+        turn = line.rstrip("\r\n")
+        if not turn.strip():
+            continue
+        if turn.strip() in ("/exit", "/quit"):
+            break
+        if not interactive:
+            sys.stdout.write(f"> {turn}\n")  # piped: keep the transcript readable
+        history.append(("user", turn))
+        try:
+            seen = _stream_to(sys.stdout, client.chat(history, **sampling_kwargs(args)))
+        except KuiperError as exc:
+            history.pop()  # the turn got no answer; let the user try again
+            failures += 1
+            print(f"\nkuiper chat: {explain(exc)}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append(("assistant", "".join(c.text for c in seen)))
     if interactive:
         sys.stdout.write("\n")
     return 1 if failures else 0
