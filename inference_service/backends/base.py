@@ -50,3 +50,41 @@ class Backend(Protocol):
         """Run one step and return float32 logits [len(batch), vocab] of each item's
         last token (tests and tools; the serving path uses step())."""
         ...
+
+
+def check_batch(
+    batch: list[BatchItem],
+    *,
+    block_size: int,
+    num_blocks: int,
+    vocab_size: int,
+    max_model_len: int | None = None,
+) -> None:
+    """Refuse a batch a backend cannot run, naming the sequence: every backend checks the same
+    things, so a bad batch fails alike on the CPU and the GPU (never wraps or reads garbage)."""
+    for item in batch:
+        n = len(item.token_ids)
+        if n == 0:
+            raise ValueError(f"sequence {item.seq_id}: no tokens to run")
+        end = item.start_pos + n
+        if len(item.block_table) * block_size < end:
+            raise ValueError(
+                f"sequence {item.seq_id}: block table of {len(item.block_table)} blocks "
+                f"cannot hold {end} positions (block size {block_size})"
+            )
+        if max_model_len is not None and end > max_model_len:
+            raise ValueError(
+                f"sequence {item.seq_id}: {end} positions exceed the backend's "
+                f"maximum of {max_model_len}"
+            )
+        used = item.block_table[: -(-end // block_size)]
+        if min(used) < 0 or max(used) >= num_blocks:
+            raise ValueError(f"sequence {item.seq_id}: block id out of range 0..{num_blocks - 1}")
+        if n == 1:  # decode: plain ints are cheaper than numpy reductions
+            tok = int(item.token_ids[0])
+            bad_id = tok < 0 or tok >= vocab_size
+        else:
+            ids = np.asarray(item.token_ids)
+            bad_id = ids.min() < 0 or ids.max() >= vocab_size
+        if bad_id:
+            raise ValueError(f"sequence {item.seq_id}: token id out of range 0..{vocab_size - 1}")

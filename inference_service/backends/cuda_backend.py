@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from inference_service.backends.base import BatchItem
+from inference_service.backends.base import BatchItem, check_batch
 from inference_service.backends.cuda_plan import (
     ATT_THREADS,
     DEC_THREADS,
@@ -350,35 +350,13 @@ class CudaBackend:
     # ------------------------------------------------------------------ inputs
 
     def _check(self, batch: list[BatchItem]) -> None:
-        v = self.config.vocab_size
-        for item in batch:
-            n = len(item.token_ids)
-            if n == 0:
-                raise ValueError(f"sequence {item.seq_id}: no tokens to run")
-            end = item.start_pos + n
-            if len(item.block_table) * self.block_size < end:
-                raise ValueError(
-                    f"sequence {item.seq_id}: block table of {len(item.block_table)} blocks "
-                    f"cannot hold {end} positions (block size {self.block_size})"
-                )
-            if end > self.max_model_len:
-                raise ValueError(
-                    f"sequence {item.seq_id}: {end} positions exceed the CUDA backend's "
-                    f"maximum of {self.max_model_len}"
-                )
-            if n == 1:  # decode: plain ints are cheaper than numpy reductions
-                tok = int(item.token_ids[0])
-                bad_id = tok < 0 or tok >= v
-            else:
-                ids = np.asarray(item.token_ids)
-                bad_id = ids.min() < 0 or ids.max() >= v
-            if bad_id:
-                raise ValueError(f"sequence {item.seq_id}: token id out of range 0..{v - 1}")
-            bt = item.block_table
-            if len(bt) and (min(bt) < 0 or max(bt) >= self.num_blocks):
-                raise ValueError(
-                    f"sequence {item.seq_id}: block id out of range 0..{self.num_blocks - 1}"
-                )
+        check_batch(
+            batch,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            vocab_size=self.config.vocab_size,
+            max_model_len=self.max_model_len,
+        )
         n_rows = sum(it.sampling is not None for it in batch)
         if n_rows > self.max_batch or len(batch) > self.max_batch:
             raise ValueError(f"batch of {len(batch)} exceeds the CUDA backend's {self.max_batch}")

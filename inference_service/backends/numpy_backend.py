@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from inference_service.backends.base import BatchItem
+from inference_service.backends.base import BatchItem, check_batch
 from inference_service.engine.sampler import sample
 from inference_service.engine.sampling_params import SampleOutput
 from inference_service.models.config import ModelConfig
@@ -146,26 +146,12 @@ class NumpyBackend:
     # ------------------------------------------------------------------ forward pass
 
     def _check(self, batch: list[BatchItem]) -> None:
-        for item in batch:
-            n = len(item.token_ids)
-            if n == 0:
-                raise ValueError(f"sequence {item.seq_id}: no tokens to run")
-            end = item.start_pos + n
-            if len(item.block_table) * self.block_size < end:
-                raise ValueError(
-                    f"sequence {item.seq_id}: block table of {len(item.block_table)} blocks "
-                    f"cannot hold {end} positions (block size {self.block_size})"
-                )
-            used = item.block_table[: -(-end // self.block_size)]
-            if min(used) < 0 or max(used) >= self.num_blocks:
-                raise ValueError(
-                    f"sequence {item.seq_id}: block id out of range 0..{self.num_blocks - 1}"
-                )
-            ids = np.asarray(item.token_ids)
-            if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-                raise ValueError(
-                    f"sequence {item.seq_id}: token id out of range 0..{self.config.vocab_size - 1}"
-                )
+        check_batch(
+            batch,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            vocab_size=self.config.vocab_size,
+        )
 
     def _forward(self, batch: list[BatchItem], rows: list[int]) -> np.ndarray:
         """Run the batch; return float32 logits [len(rows), vocab] of the last token of each
