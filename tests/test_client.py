@@ -124,3 +124,38 @@ def test_async_client_retries_and_builds_chat(server):
     assert chat[-1].finish_reason == "eos"
     msgs = servicer.requests[-1].messages
     assert [(m.role, m.content) for m in msgs] == [("system", "s"), ("user", "u")]
+
+
+@pytest.mark.parametrize(
+    "sampling, field",
+    [
+        (dict(max_new_tokens=-5), "max_new_tokens"),
+        (dict(max_new_tokens=2**32), "max_new_tokens"),  # uint32 in the proto
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed"),  # uint64
+        (dict(stop_token_ids=[-3]), "stop_token_ids"),
+        (dict(logprobs=-1), "logprobs"),
+        (dict(top_k=2**31), "top_k"),  # int32
+    ],
+)
+def test_values_the_proto_cannot_hold_are_invalid_argument(server, sampling, field):
+    servicer, address = server
+    with KuiperClient(address, timeout=10) as client, pytest.raises(KuiperError) as err:
+        list(client.generate("hi", **sampling))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.message
+    assert servicer.calls == 0  # refused before any RPC
+    # The largest values the fields hold still go through.
+    with KuiperClient(address, timeout=10) as client:
+        list(client.generate("hi", max_new_tokens=2**32 - 1, seed=2**64 - 1, top_k=-1))
+    assert servicer.requests[-1].sampling.seed == 2**64 - 1
+
+
+def test_cli_generate_reports_a_bad_value_in_one_line(server, capsys):
+    from kuiper_client.cli import main
+
+    _, address = server
+    assert main(["generate", "--address", address, "--max-new-tokens", "-5", "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kuiper generate: INVALID_ARGUMENT: max_new_tokens"), err
+    assert "\n" not in err and "Traceback" not in err

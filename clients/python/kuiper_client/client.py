@@ -11,6 +11,7 @@ same settings serve both services).
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -112,6 +113,24 @@ class ModelInfo:
     max_batch_size: int
 
 
+_INT32_MAX = 2**31 - 1
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def _check_range(name: str, value: int, lo: int, hi: int, note: str = "") -> None:
+    try:
+        ok = not isinstance(value, bool) and lo <= operator.index(value) <= hi
+    except TypeError:
+        ok = False
+    if not ok:
+        hint = f"; {note}" if note else ""
+        raise KuiperError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{name} must be an integer in [{lo}, {hi}]{hint}, got {value!r}",
+        )
+
+
 def sampling_params(
     max_new_tokens: int = 0,
     temperature: float | None = None,
@@ -125,7 +144,17 @@ def sampling_params(
     ignore_eos: bool = False,
     logprobs: int | None = None,
 ) -> ipb.SamplingParams:
-    """The proto SamplingParams; None leaves a field unset (the server default)."""
+    """The proto SamplingParams; None leaves a field unset (the server default). A value the
+    proto field cannot hold raises KuiperError(INVALID_ARGUMENT) naming the field (protobuf
+    itself only says "Value out of range")."""
+    _check_range("max_new_tokens", max_new_tokens, 0, _UINT32_MAX, "0: server default")
+    _check_range("top_k", top_k, -(2**31), _INT32_MAX)  # the server judges negative values
+    if seed is not None:
+        _check_range("seed", seed, 0, _UINT64_MAX)
+    if logprobs is not None:
+        _check_range("logprobs", logprobs, 0, _UINT32_MAX)
+    for t in stop_token_ids:
+        _check_range("stop_token_ids", t, 0, _UINT32_MAX)
     p = ipb.SamplingParams(
         max_new_tokens=max_new_tokens,
         top_k=top_k,
