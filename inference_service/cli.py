@@ -97,14 +97,14 @@ def generate_local(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     except ValueError as exc:
         return _fail(str(exc))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: print what came, exit 130 like an interrupted command
         finish = "cancelled"
     if args.json:
         out = {"token_ids": token_ids, "text": "".join(texts), "finish_reason": finish}
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
-    return 0
+    return 130 if finish == "cancelled" else 0
 
 
 def _fail(message: str) -> int:

@@ -159,3 +159,36 @@ def test_cli_generate_reports_a_bad_value_in_one_line(server, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("kuiper generate: INVALID_ARGUMENT: max_new_tokens"), err
     assert "\n" not in err and "Traceback" not in err
+
+
+def test_cli_generate_ctrl_c_prints_what_came_and_exits_130(server, capsys, monkeypatch):
+    from kuiper_client.cli import main
+    from kuiper_client.client import GenerateChunk
+
+    def interrupted(self, prompt, **kwargs):
+        yield GenerateChunk(token_ids=[7], text="a")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(KuiperClient, "generate", interrupted)
+    _, address = server
+    assert main(["generate", "--address", address, "--json", "hi"]) == 130
+    out = capsys.readouterr()
+    assert '"text": "a"' in out.out and '"finish_reason": "cancelled"' in out.out
+    assert out.err == ""
+
+
+def test_cli_generate_says_what_to_do_when_no_inference_service_answers(capsys):
+    from kuiper_client.cli import main
+
+    empty = grpc.server(futures.ThreadPoolExecutor(1))  # serves no service: UNIMPLEMENTED
+    port = empty.add_insecure_port("127.0.0.1:0")
+    empty.start()
+    try:
+        assert main(["generate", "--address", f"127.0.0.1:{port}", "hi"]) == 1
+        assert "is not an inference service" in capsys.readouterr().err
+    finally:
+        empty.stop(0)
+    # Nothing listens there any more: the port is refused.
+    assert main(["generate", "--address", f"127.0.0.1:{port}", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and "`kuiper up` starts it" in err

@@ -76,18 +76,25 @@ def open_client(
         return None
 
 
-def explain(exc: KuiperError) -> str:
-    """The error, plus what to do when the server wants a token."""
+def explain(exc: KuiperError, address: str | None = None) -> str:
+    """The error, plus what to do: a token the server wants, a server not running at
+    `address`, or an address that is not an inference service."""
     if exc.code == grpc.StatusCode.UNAUTHENTICATED:
         return f"{exc} (pass --auth-token or set ${AUTH_TOKEN_ENV})"
+    if address and exc.code == grpc.StatusCode.UNAVAILABLE and "connect" in exc.message:
+        return f"{exc} (is the inference service running at {address}? `kuiper up` starts it)"
+    if address and exc.code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"{exc} ({address} is not an inference service; is it the tokenizer's port?)"
     return str(exc)
 
 
-def _stream_to(out, chunks) -> list[GenerateChunk]:
-    seen = []
+def _stream_to(out, chunks, seen: list[GenerateChunk] | None = None) -> list[GenerateChunk]:
+    """Write each chunk's text to out (None: write nothing) and collect the chunks in seen."""
+    seen = [] if seen is None else seen
     for chunk in chunks:
-        out.write(chunk.text)
-        out.flush()
+        if out is not None:
+            out.write(chunk.text)
+            out.flush()
         seen.append(chunk)
     return seen
 
@@ -99,31 +106,34 @@ def generate_remote(args: argparse.Namespace) -> int:
     client = open_client(args, getattr(args, "timeout", None), "generate")
     if client is None:
         return 2
+    seen: list[GenerateChunk] = []
+    interrupted = False
     try:
         with client:
             chunks = client.generate(args.prompt, **sampling_kwargs(args))
-            if as_json:
-                seen = list(chunks)
-            else:
-                seen = _stream_to(sys.stdout, chunks)
-                sys.stdout.write("\n")
+            _stream_to(None if as_json else sys.stdout, chunks, seen)
     except KuiperError as exc:
-        print(f"kuiper generate: {explain(exc)}", file=sys.stderr)
+        print(f"kuiper generate: {explain(exc, client.address)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: closing the client cancelled the RPC; no traceback
+        interrupted = True
     if as_json:
         last = seen[-1] if seen else None
         usage = last.usage if last else None
+        finish = "cancelled" if interrupted else (last.finish_reason if last else None)
         print(
             json.dumps(
                 {
                     "token_ids": [t for c in seen for t in c.token_ids],
                     "text": "".join(c.text for c in seen),
-                    "finish_reason": last.finish_reason if last else None,
+                    "finish_reason": finish,
                     "usage": usage.__dict__ if usage else None,
                 }
             )
         )
-    return 0
+    else:
+        sys.stdout.write("\n")
+    return 130 if interrupted else 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -164,7 +174,7 @@ def _chat_loop(args: argparse.Namespace, client: KuiperClient) -> int:
         except KuiperError as exc:
             history.pop()  # the turn got no answer; let the user try again
             failures += 1
-            print(f"\nkuiper chat: {explain(exc)}", file=sys.stderr)
+            print(f"\nkuiper chat: {explain(exc, client.address)}", file=sys.stderr)
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
