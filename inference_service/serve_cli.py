@@ -66,8 +66,12 @@ def register(subparsers) -> None:
         "reached at --tokenizer-address (env KUIPER_TOKENIZER_ADDRESS).",
     )
     _add_model_flags(p)
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on, gRPC and metrics (default 127.0.0.1, this machine "
+                   "only; use 0.0.0.0 in a container or to accept remote clients)")  # fmt: skip
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT})"
+    )
     p.add_argument(
         "--tokenizer-address",
         default=None,

@@ -451,7 +451,7 @@ async def serve(cfg: ServerConfig) -> int:
     servicer.start()
     front.ready = servicer
     if cfg.metrics_port > 0:
-        metrics.serve(cfg.metrics_port)
+        metrics.serve(cfg.metrics_port, cfg.host)  # same interface as gRPC, like the tokenizer
 
     # Warm up: one tiny generation, so the first client does not pay for lazy setup.
     t0 = time.monotonic()

@@ -81,3 +81,13 @@ def test_up_reports_a_bad_model(bad):
                          timeout=60)  # fmt: skip
     assert out.returncode == 1
     assert "model not found" in out.stderr
+
+
+def test_every_server_command_listens_on_this_machine_only_by_default():
+    # A server reachable from the network is an explicit choice (--host 0.0.0.0, as the
+    # Docker images and Kubernetes manifests pass), the same for both services.
+    from kuiper_client.cli import build_parser
+
+    parser = build_parser()
+    for command in ("serve-tokenizer", "serve-inference", "up"):
+        assert parser.parse_args([command]).host == "127.0.0.1", command
