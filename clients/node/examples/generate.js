@@ -12,48 +12,77 @@ const { parseArgs } = require('node:util');
 const { KuiperClient } = require('../src');
 
 const USAGE = `usage: generate.js [--address HOST:PORT] [--max-new-tokens N] [--temperature T]
-                   [--top-p P] [--top-k K] [--seed S] [--stop STR]... [--chat] [--json] PROMPT`;
+                   [--top-p P] [--top-k K] [--seed S] [--stop STR]... [--chat] [--json] PROMPT
+(a negative value needs '=': --temperature=-1)`;
+
+const ARGS = {
+  allowPositionals: true,
+  options: {
+    address: { type: 'string', default: process.env.KUIPER_ADDRESS || 'localhost:50051' },
+    'tokenizer-address': { type: 'string', default: 'localhost:50052' },
+    'max-new-tokens': { type: 'string', default: '128' },
+    temperature: { type: 'string' },
+    'top-p': { type: 'string' },
+    'top-k': { type: 'string' },
+    seed: { type: 'string' },
+    stop: { type: 'string', multiple: true, default: [] },
+    chat: { type: 'boolean', default: false },
+    json: { type: 'boolean', default: false },
+    help: { type: 'boolean', short: 'h', default: false },
+  },
+};
+
+/** Numeric flags and their SamplingParams key. */
+const NUMERIC = [
+  ['max-new-tokens', 'maxNewTokens'],
+  ['temperature', 'temperature'],
+  ['top-p', 'topP'],
+  ['top-k', 'topK'],
+  ['seed', 'seed'],
+];
+
+/** @param {string} message */
+function usageError(message) {
+  console.error(`error: ${message}\n${USAGE}`);
+  return 2;
+}
 
 async function main() {
-  const { values, positionals } = parseArgs({
-    allowPositionals: true,
-    options: {
-      address: { type: 'string', default: process.env.KUIPER_ADDRESS || 'localhost:50051' },
-      'tokenizer-address': { type: 'string', default: 'localhost:50052' },
-      'max-new-tokens': { type: 'string', default: '128' },
-      temperature: { type: 'string' },
-      'top-p': { type: 'string' },
-      'top-k': { type: 'string' },
-      seed: { type: 'string' },
-      stop: { type: 'string', multiple: true, default: [] },
-      chat: { type: 'boolean', default: false },
-      json: { type: 'boolean', default: false },
-      help: { type: 'boolean', short: 'h', default: false },
-    },
-  });
+  let parsed;
+  try {
+    parsed = parseArgs(/** @type {any} */ (ARGS));
+  } catch (err) {
+    return usageError(/** @type {Error} */ (err).message.split('\n')[0]); // one line, no stack
+  }
+  const values = /** @type {Record<string, any>} */ (parsed.values);
+  const positionals = parsed.positionals;
   if (values.help || positionals.length === 0) {
     console.error(USAGE);
     return values.help ? 0 : 2;
   }
   const prompt = positionals.join(' ');
-  /** @type {import('../src/client').SamplingParams} */
-  const sampling = { maxNewTokens: Number(values['max-new-tokens']), stop: values.stop };
-  if (values.temperature !== undefined) sampling.temperature = Number(values.temperature);
-  if (values['top-p'] !== undefined) sampling.topP = Number(values['top-p']);
-  if (values['top-k'] !== undefined) sampling.topK = Number(values['top-k']);
-  if (values.seed !== undefined) sampling.seed = values.seed;
+  /** @type {Record<string, any>} */
+  const sampling = { stop: values.stop };
+  for (const [flag, key] of NUMERIC) {
+    const text = values[flag];
+    if (text === undefined) continue;
+    if (text.trim() === '' || Number.isNaN(Number(text))) {
+      return usageError(`--${flag} takes a number, got '${text}'`);
+    }
+    sampling[key] = key === 'seed' ? text.trim() : Number(text); // seed: uint64, every digit
+  }
 
   const client = new KuiperClient({
     inferenceAddress: values.address,
     tokenizerAddress: values['tokenizer-address'],
     deadlineMs: 0, // a long story may take a while on a CPU; Ctrl-C cancels
   });
-  const stream = values.chat
-    ? client.chat([{ role: 'user', content: prompt }], sampling)
-    : client.generate(prompt, sampling);
   const ids = [];
   let text = '';
   try {
+    const stream = values.chat
+      ? client.chat([{ role: 'user', content: prompt }], sampling)
+      : client.generate(prompt, sampling);
     for await (const chunk of stream) {
       ids.push(...chunk.tokenIds);
       text += chunk.text;

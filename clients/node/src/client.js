@@ -362,6 +362,7 @@ class KuiperClient {
         throw new TypeError(`unknown sampling parameter '${key}' (known: ${known})`);
       }
       if (value === undefined) continue;
+      checkSamplingRange(key, value);
       out[key] = key === 'seed' ? String(value) : value;
     }
     return out;
@@ -467,6 +468,38 @@ async function collect(stream) {
     if (chunk.usage) result.usage = chunk.usage;
   }
   return result;
+}
+
+/** Integer sampling fields and the range of their proto type (protobufjs would wrap -5). */
+const INTEGER_RANGES = {
+  maxNewTokens: [0n, 0xffffffffn],
+  topK: [-(2n ** 31n), 2n ** 31n - 1n],
+  seed: [0n, 2n ** 64n - 1n],
+  logprobs: [0n, 0xffffffffn],
+};
+
+/**
+ * Throw a RangeError naming the field when an integer field's value does not fit its proto
+ * type (the server judges values that fit, e.g. a negative topK).
+ * @param {string} key @param {any} value
+ */
+function checkSamplingRange(key, value) {
+  if (key === 'stopTokenIds') {
+    checkIds(value, 'stopTokenIds');
+    return;
+  }
+  const range = INTEGER_RANGES[/** @type {keyof typeof INTEGER_RANGES} */ (key)];
+  if (!range) return;
+  let n = null;
+  try {
+    if (typeof value === 'bigint' || Number.isInteger(value)) n = BigInt(value);
+    else if (typeof value === 'string' && /^-?\d+$/.test(value.trim())) n = BigInt(value.trim());
+  } catch {
+    n = null;
+  }
+  if (n === null || n < range[0] || n > range[1]) {
+    throw new RangeError(`${key} must be an integer in [${range[0]}, ${range[1]}], got ${value}`);
+  }
 }
 
 /**
