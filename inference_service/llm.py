@@ -138,7 +138,8 @@ class LLM:
             else None
         )
         stops = StopStringMatcher(params.stop)
-        history = np.zeros(len(ids) + params.max_new_tokens, dtype=np.int32)
+        # Generation ends at the context length, so a huge max_new_tokens needs no more room.
+        history = np.zeros(min(len(ids) + params.max_new_tokens, self.max_context + 1), np.int32)
         history[: len(ids)] = ids
         n_hist = len(ids)
         # Prefill all but the last chunk without sampling.

@@ -199,3 +199,14 @@ def test_cli_bad_model_is_one_clear_line(tmp_path, subprocess_env):
 def test_cli_bad_parameter(tmp_path, capsys):
     assert kuiper_main(["generate", "--local", "--top-p", "0", "hi"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_huge_max_new_tokens_stops_at_the_context_length(tiny):
+    # In process, max_new_tokens is capped by the context (finish "length" there); asking for
+    # 10**10 tokens once tried to allocate a 37 GiB history array.
+    llm, _ = tiny
+    ids = prompt(5, llm.max_context - 3)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10**10, ignore_eos=True)
+    chunks = list(llm.generate(ids, params))
+    assert chunks[-1].finish_reason == "length"
+    assert len(ids) + len(chunks) - 1 == llm.max_context  # the last token needs no KV slot
