@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,6 +220,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on host:port. Checked before starting: otherwise
+    the health check could find another server on that port healthy and take it for ours."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # the server itself will say what is wrong with the address
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def _log_tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -266,6 +286,17 @@ def _run_demo(
 def cmd_up(args: argparse.Namespace) -> int:
     from tokenizer_service.model_source import kuiper_home, resolve_model
 
+    ports = [("--port", args.port), ("--tokenizer-port", args.tokenizer_port)]
+    if args.metrics_port > 0:
+        ports += [
+            ("--metrics-port", args.metrics_port),
+            ("--metrics-port + 1", args.metrics_port + 1),
+        ]
+    for flag, port in ports:
+        if _port_taken(args.host, port):
+            print(f"kuiper up: {args.host}:{port} ({flag}) is already in use (another kuiper "
+                  f"up?); stop that server or pick another {flag.split()[0]}", file=sys.stderr)  # fmt: skip
+            return 1
     try:
         model = resolve_model(args.model)
     except (FileNotFoundError, RuntimeError) as exc:

@@ -91,3 +91,25 @@ def test_every_server_command_listens_on_this_machine_only_by_default():
     parser = build_parser()
     for command in ("serve-tokenizer", "serve-inference", "up"):
         assert parser.parse_args([command]).host == "127.0.0.1", command
+
+
+@pytest.mark.parametrize("flag", ["--port", "--tokenizer-port", "--metrics-port"])
+def test_up_refuses_a_port_in_use_in_one_line(flag, capsys):
+    # Without the check, a tokenizer already on --tokenizer-port answered the health check,
+    # and kuiper up blamed its inference service for the failure.
+    import socket
+
+    from kuiper_client.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--port": free_port(), "--tokenizer-port": free_port(), "--metrics-port": 0}
+        ports[flag] = port
+        argv = ["up"]
+        argv += [x for k, v in ports.items() for x in (k, str(v))]
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} ({flag}) is already in use" in err
+    assert len(err.strip().splitlines()) == 1
