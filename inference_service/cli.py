@@ -19,7 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Stream the continuation of PROMPT to the terminal. With --local the model "
         "runs in this process (no servers); otherwise a running inference service is asked.",
     )
-    p.add_argument("prompt", metavar="PROMPT", help="prompt text ('-' reads standard input)")
+    p.add_argument(
+        "prompt",
+        metavar="PROMPT",
+        help="prompt text ('-' reads standard input, less one trailing newline)",
+    )
     p.add_argument("--local", action="store_true", help="run the model in this process")
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -58,7 +62,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt == "-":
-        args.prompt = sys.stdin.read()
+        # `echo PROMPT | kuiper generate -`: echo's newline is not part of the prompt
+        args.prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     if not args.local:
         try:
             from kuiper_client.commands import generate_remote

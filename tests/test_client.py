@@ -192,3 +192,15 @@ def test_cli_generate_says_what_to_do_when_no_inference_service_answers(capsys):
     assert main(["generate", "--address", f"127.0.0.1:{port}", "hi"]) == 1
     err = capsys.readouterr().err
     assert "UNAVAILABLE" in err and "`kuiper up` starts it" in err
+
+
+def test_cli_generate_stdin_prompt_drops_the_trailing_newline(server, capsys, monkeypatch):
+    import io
+
+    from kuiper_client.cli import main
+
+    servicer, address = server
+    monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time\n"))  # echo ... | kuiper
+    assert main(["generate", "--address", address, "-"]) == 0
+    assert servicer.requests[-1].text == "Once upon a time"
+    assert capsys.readouterr().out == "ab\n"
