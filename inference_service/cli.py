@@ -28,7 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="--local: where to run (auto: cuda if present, else cpu)")  # fmt: skip
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="inference service host:port")
+    p.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help=f"inference service host:port (default {DEFAULT_ADDRESS})",
+    )
     p.add_argument("--timeout", type=float, default=None, help="served: deadline in seconds")
     add_client_security_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=0,

@@ -25,7 +25,8 @@ DEFAULT_METRICS_PORT = 9091
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): cuda when a GPU and pycuda exist, else cpu")  # fmt: skip
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def register(subparsers) -> None:
         "--metrics-port",
         type=int,
         default=DEFAULT_METRICS_PORT,
-        help="Prometheus /metrics port (0: off)",
+        help=f"Prometheus /metrics port (default {DEFAULT_METRICS_PORT}; 0: off)",
     )
     add_security_arguments(p)
     p.add_argument(
@@ -113,14 +114,18 @@ def register(subparsers) -> None:
         "healthy, print where they listen, and serve until Ctrl-C / SIGTERM.",
     )
     _add_model_flags(u)
-    u.add_argument("--host", default="127.0.0.1", help="interface both services listen on")
-    u.add_argument("--port", type=int, default=DEFAULT_PORT, help="inference service port")
-    u.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT)
+    u.add_argument("--host", default="127.0.0.1",
+                   help="interface both services listen on (default 127.0.0.1)")  # fmt: skip
+    u.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"inference service port (default {DEFAULT_PORT})")  # fmt: skip
+    u.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
+                   help=f"tokenizer service port (default {DEFAULT_TOKENIZER_PORT})")  # fmt: skip
     u.add_argument(
         "--metrics-port",
         type=int,
         default=DEFAULT_METRICS_PORT,
-        help="inference metrics port (0: off)",
+        help=f"inference metrics port (default {DEFAULT_METRICS_PORT}; the tokenizer's is the "
+        "next one; 0: off)",
     )
     u.add_argument(
         "--demo",
@@ -128,13 +133,15 @@ def register(subparsers) -> None:
         default=None,
         help="once healthy, stream a generated answer for PROMPT",
     )
-    u.add_argument("--demo-max-new-tokens", type=int, default=128)
+    u.add_argument("--demo-max-new-tokens", type=int, default=128,
+                   help="length of the --demo answer (default 128)")  # fmt: skip
     u.add_argument(
         "--exit-after-demo",
         action="store_true",
         help="stop both services after the demo instead of serving on",
     )
-    u.add_argument("--startup-timeout", type=float, default=900.0)
+    u.add_argument("--startup-timeout", type=float, default=900.0,
+                   help="seconds each service gets to become healthy (default 900)")  # fmt: skip
     add_security_arguments(u)
     u.add_argument(
         "--tls-ca",

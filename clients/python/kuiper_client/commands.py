@@ -50,7 +50,11 @@ def register(subparsers) -> None:
         description="Each line on standard input is a user turn; the answer streams back and "
         "the conversation history is kept. Works piped; ends at EOF (or /exit).",
     )
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="inference service host:port")
+    p.add_argument(
+        "--address",
+        default=DEFAULT_ADDRESS,
+        help=f"inference service host:port (default {DEFAULT_ADDRESS})",
+    )
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--timeout", type=float, default=None, help="deadline per answer, seconds")
     add_client_security_arguments(p)
