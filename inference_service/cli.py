@@ -33,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_ADDRESS,
         help=f"inference service host:port (default {DEFAULT_ADDRESS})",
     )
-    p.add_argument("--timeout", type=float, default=None, help="served: deadline in seconds")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="served: deadline in seconds (0: none)"
+    )
     add_client_security_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=0,
                    help=f"tokens to generate at most (0: default, {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip

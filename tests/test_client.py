@@ -204,3 +204,16 @@ def test_cli_generate_stdin_prompt_drops_the_trailing_newline(server, capsys, mo
     assert main(["generate", "--address", address, "-"]) == 0
     assert servicer.requests[-1].text == "Once upon a time"
     assert capsys.readouterr().out == "ab\n"
+
+
+def test_cli_timeout_zero_means_none_and_negative_is_refused(server, capsys):
+    from kuiper_client.cli import main
+
+    servicer, address = server
+    assert main(["generate", "--address", address, "--timeout", "0", "hi"]) == 0
+    assert capsys.readouterr().out == "ab\n"  # not DEADLINE_EXCEEDED at once
+    calls = servicer.calls
+    assert main(["generate", "--address", address, "--timeout", "-1", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "kuiper generate: --timeout must be >= 0 seconds (0: none), got -1.0"
+    assert servicer.calls == calls

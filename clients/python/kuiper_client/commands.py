@@ -56,7 +56,9 @@ def register(subparsers) -> None:
         help=f"inference service host:port (default {DEFAULT_ADDRESS})",
     )
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--timeout", type=float, default=None, help="deadline per answer, seconds")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="deadline per answer, seconds (0: none)"
+    )
     add_client_security_arguments(p)
     add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
@@ -66,11 +68,16 @@ def open_client(
     args: argparse.Namespace, timeout: float | None, command: str
 ) -> KuiperClient | None:
     """KuiperClient for the --address/--tls/--tls-ca/--auth-token flags; None (after saying
-    why on stderr) when the CA file cannot be read."""
+    why on stderr) when the CA file cannot be read or the timeout is negative. A timeout of 0
+    means no deadline (as for the Node client), not one that has already passed."""
+    if timeout is not None and not timeout >= 0:
+        print(f"kuiper {command}: --timeout must be >= 0 seconds (0: none), got {timeout}",
+              file=sys.stderr)  # fmt: skip
+        return None
     try:
         return KuiperClient(
             getattr(args, "address", None) or DEFAULT_ADDRESS,
-            timeout=timeout,
+            timeout=timeout or None,
             tls=bool(getattr(args, "tls", False)),
             tls_ca=getattr(args, "tls_ca", None),
             token=getattr(args, "auth_token", None) or None,
