@@ -299,6 +299,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             ("--metrics-port", args.metrics_port),
             ("--metrics-port + 1", args.metrics_port + 1),
         ]
+    if args.tls_cert and args.tls_key:  # before anything starts: one line, not a traceback
+        for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                           ("--tls-ca", args.tls_ca or args.tls_cert)):  # fmt: skip
+            if not os.access(path, os.R_OK) or os.path.isdir(path):
+                print(f"kuiper up: cannot read {flag} {path}", file=sys.stderr)
+                return 1
     for flag, port in ports:
         if _port_taken(args.host, port):
             print(f"kuiper up: {args.host}:{port} ({flag}) is already in use (another kuiper "

@@ -113,3 +113,19 @@ def test_up_refuses_a_port_in_use_in_one_line(flag, capsys):
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port} ({flag}) is already in use" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("missing", ["--tls-cert", "--tls-key", "--tls-ca"])
+def test_up_names_an_unreadable_tls_file_in_one_line(missing, tmp_path, capsys):
+    from kuiper_client.cli import main
+
+    files = {}
+    for flag in ("--tls-cert", "--tls-key", "--tls-ca"):
+        files[flag] = tmp_path / flag.strip("-")
+        if flag != missing:
+            files[flag].write_text("not checked before the services start")
+    argv = ["up", "--port", str(free_port()), "--tokenizer-port", str(free_port())]
+    argv += ["--metrics-port", "0", *(x for k, v in files.items() for x in (k, str(v)))]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"kuiper up: cannot read {missing} {files[missing]}"
