@@ -98,6 +98,14 @@ def test_plaintext_client_against_tls_is_unavailable(stack):
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_cli_plaintext_against_tls_suggests_tls(stack, capsys):
+    from kuiper_client.cli import main
+
+    assert main(["generate", "--address", stack.address, "--token", TOKEN, "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and "speak TLS? pass --tls-ca PEM or --tls" in err
+
+
 def test_health_and_reflection_need_no_token(stack, security):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,

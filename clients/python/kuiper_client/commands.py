@@ -92,8 +92,11 @@ def explain(exc: KuiperError, address: str | None = None) -> str:
     `address`, or an address that is not an inference service."""
     if exc.code == grpc.StatusCode.UNAUTHENTICATED:
         return f"{exc} (pass --auth-token or set ${AUTH_TOKEN_ENV})"
-    if address and exc.code == grpc.StatusCode.UNAVAILABLE and "connect" in exc.message:
-        return f"{exc} (is the inference service running at {address}? `kuiper up` starts it)"
+    if address and exc.code == grpc.StatusCode.UNAVAILABLE:
+        if "Connection refused" in exc.message:
+            return f"{exc} (is the inference service running at {address}? `kuiper up` starts it)"
+        if "Socket closed" in exc.message:  # what a plaintext client sees from a TLS port
+            return f"{exc} (does {address} speak TLS? pass --tls-ca PEM or --tls)"
     if address and exc.code == grpc.StatusCode.UNIMPLEMENTED:
         return f"{exc} ({address} is not an inference service; is it the tokenizer's port?)"
     return str(exc)
