@@ -104,6 +104,8 @@ def test_cli_plaintext_against_tls_suggests_tls(stack, capsys):
     assert main(["generate", "--address", stack.address, "--token", TOKEN, "hi"]) == 1
     err = capsys.readouterr().err
     assert "UNAVAILABLE" in err and "speak TLS? pass --tls-ca PEM or --tls" in err
+    assert main(["encode", "--address", stack.tokenizer.address, "--token", TOKEN, "hi"]) == 1
+    assert "Does it speak TLS? Pass --tls-ca PEM or --tls." in capsys.readouterr().err
 
 
 def test_health_and_reflection_need_no_token(stack, security):

@@ -133,9 +133,14 @@ def _call(args: argparse.Namespace, fn: Any) -> tuple[Any, int]:
     except grpc.RpcError as exc:
         code = exc.code()
         if code == grpc.StatusCode.UNAVAILABLE:
+            hint = (
+                "Does it speak TLS? Pass --tls-ca PEM or --tls."  # a plaintext call to TLS
+                if "Socket closed" in (exc.details() or "")
+                else "Start it with `kuiper serve-tokenizer`, or point --address at a running one."
+            )
             print(
                 f"error: cannot reach the tokenizer service at {address} ({exc.details()}).\n"
-                "Start it with `kuiper serve-tokenizer`, or point --address at a running one.",
+                + hint,
                 file=sys.stderr,
             )
         elif code == grpc.StatusCode.UNAUTHENTICATED:
