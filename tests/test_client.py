@@ -217,3 +217,17 @@ def test_cli_timeout_zero_means_none_and_negative_is_refused(server, capsys):
     err = capsys.readouterr().err
     assert err.strip() == "kuiper generate: --timeout must be >= 0 seconds (0: none), got -1.0"
     assert servicer.calls == calls
+
+
+def test_cli_chat_refuses_a_flag_the_request_cannot_carry_once(server, capsys, monkeypatch):
+    import io
+
+    from kuiper_client.cli import main
+
+    servicer, address = server
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\nthree\n"))
+    assert main(["chat", "--address", address, "--seed", "-1"]) == 2
+    out = capsys.readouterr()
+    assert out.err.strip().startswith("kuiper chat: INVALID_ARGUMENT: seed must be")
+    assert len(out.err.strip().splitlines()) == 1 and out.out == ""
+    assert servicer.requests == []

@@ -9,7 +9,13 @@ import sys
 
 import grpc
 
-from kuiper_client.client import DEFAULT_ADDRESS, GenerateChunk, KuiperClient, KuiperError
+from kuiper_client.client import (
+    DEFAULT_ADDRESS,
+    GenerateChunk,
+    KuiperClient,
+    KuiperError,
+    sampling_params,
+)
 from tokenizer_service.cli import add_client_security_arguments
 from tokenizer_service.defaults import AUTH_TOKEN_ENV
 
@@ -151,6 +157,11 @@ def generate_remote(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    try:  # a flag the request cannot carry would fail every turn alike: say it once, up front
+        sampling_params(**sampling_kwargs(args))
+    except KuiperError as exc:
+        print(f"kuiper chat: {exc}", file=sys.stderr)
+        return 2
     client = open_client(args, args.timeout, "chat")
     if client is None:
         return 2
