@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import threading
+import time
 import urllib.request
 from queue import Queue
 
@@ -416,13 +417,23 @@ def test_metrics_count_requests_by_code(served):
                 found[labels] = float(value)
         return found, body
 
-    before, body = counts()
+    def settled(ready) -> tuple[dict, str]:
+        # A refused call is counted after context.abort() has sent its status, so a scrape
+        # right after the client sees the error can miss it: scrape until it shows (bounded).
+        deadline = time.monotonic() + 10
+        found, body = counts()
+        while not ready(found) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            found, body = counts()
+        return found, body
+
     ok = 'kuiper_tokenizer_requests_total{code="OK",method="Encode"}'
     bad = 'kuiper_tokenizer_requests_total{code="INVALID_ARGUMENT",method="Decode"}'
+    before, body = settled(lambda f: f.get(ok, 0) >= 1 and f.get(bad, 0) >= 1)
     assert before[ok] >= 1 and before[bad] >= 1
     assert "kuiper_tokenizer_request_seconds_bucket" in body
     s.stub.Encode(pb.EncodeRequest(texts=["b"]), timeout=10)
-    after, _ = counts()
+    after, _ = settled(lambda f: f.get(ok, 0) >= before[ok] + 1)
     assert after[ok] == before[ok] + 1
 
 
