@@ -362,7 +362,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             ("tokenizer", tok_cmd, tok_addr, ""),
             ("inference", inf_cmd, inf_addr, "kuiper.v1.InferenceService"),
         ):
-            log_path = logs / f"{name}.log"
+            # Named by port: two `kuiper up` on one machine keep separate logs.
+            log_path = logs / f"{name}-{addr.rsplit(':', 1)[1]}.log"
             with open(log_path, "wb") as log_file:
                 # Own session: Ctrl-C reaches only us, and we stop the children in order.
                 proc = subprocess.Popen(

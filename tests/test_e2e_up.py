@@ -62,6 +62,8 @@ def test_up_serves_until_sigint_then_stops_both(tiny_model):  # noqa: F811
             if line.startswith("serving;"):
                 break
         assert lines and lines[-1].startswith("serving;"), "".join(lines)
+        out = "".join(lines)
+        assert f"tokenizer-{tok_port}.log" in out and f"inference-{inf_port}.log" in out, out
         assert health_status(f"127.0.0.1:{inf_port}") == 1  # SERVING
         assert health_status(f"127.0.0.1:{tok_port}") == 1
         proc.send_signal(signal.SIGINT)  # Ctrl-C
