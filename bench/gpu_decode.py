@@ -241,24 +241,28 @@ def bench_model(key: str, steps: int, bw: float) -> Result:
 
 def attention_kernels(backend, tok: int, short_pos: int) -> list[dict]:
     """Decode step at a short and two long contexts with each decode attention kernel
-    (paged_decode_d*_u{U}) and the tiled one (decode_unroll=0), same run: graph replay us and
+    (paged_decode_d*_u{U}; "auto" = the backend's default choice of U) and the tiled one
+    (decode_unroll=0), same run: graph replay us and
     the attention kernel's mean us (profile_step). The long contexts read whatever the pool
     holds past the written positions: fine for timing, the logits are not used."""
-    from inference_service.backends.cuda_plan import DEC_UNROLLS, DECODE_UNROLL_DEFAULT
+    from inference_service.backends.cuda_plan import DEC_UNROLLS, decode_unroll_for, width_bucket
 
     rows = []
     for ctx in (short_pos, 1024, 4000):
         table = list(range(ceil_div_int(ctx + 1, backend.block_size)))
         item = BatchItem(0, np.array([tok], np.int32), ctx, table, GREEDY)
-        for u in (*DEC_UNROLLS, 0):
+        width = width_bucket(ceil_div_int(ctx + 1, backend.block_size), backend._max_width)
+        auto = decode_unroll_for(width * backend.block_size, backend.config.num_kv_heads, 1)
+        for u in (None, *DEC_UNROLLS, 0):
             backend.decode_unroll = u
             backend._graphs_clear()
             replay = backend.time_decode_graph([item])
             prof = backend.profile_step([item])
             att = [us for label, us in prof if label == "attention"]
-            rows.append(dict(ctx=ctx + 1, kernel=f"decode_u{u}" if u else "tiled",
+            name = f"auto(u{auto})" if u is None else f"decode_u{u}" if u else "tiled"
+            rows.append(dict(ctx=ctx + 1, kernel=name,
                              graph_replay_us=replay, attention_us=sum(att) / len(att)))  # fmt: skip
-    backend.decode_unroll = DECODE_UNROLL_DEFAULT
+    backend.decode_unroll = None
     backend._graphs_clear()
     return rows
 

@@ -231,6 +231,19 @@ def test_decode_attention_chunks_and_splits():
     assert plan.decode_splits(1, 256, 32, 1) == 1
 
 
+def test_decode_unroll_grows_with_the_work_of_a_launch():
+    # The sweeps' best unroll per (shape, context): SmolLM2 (3 kv heads), Qwen2.5-0.5B (2),
+    # Llama-3.2-1B (8); graphs are captured for contexts of 256 / 1024 / 4096 keys.
+    best = {(3, 256): 1, (2, 256): 1, (3, 1024): 2, (2, 1024): 2, (8, 1024): 4,
+            (3, 4096): 4, (2, 4096): 4, (8, 4096): 8}  # fmt: skip
+    for (kvh, ctx), u in best.items():
+        assert plan.decode_unroll_for(ctx, kvh, 1) == u, (kvh, ctx)
+    assert plan.decode_unroll_for(1, 1, 1) == 1
+    assert plan.decode_unroll_for(4096, 8, 8) == plan.DEC_UNROLLS[-1]
+    us = [plan.decode_unroll_for(ctx, 4, 2) for ctx in range(1, 20000, 97)]
+    assert us == sorted(us) and set(us) <= set(plan.DEC_UNROLLS)
+
+
 def test_input_layout_and_buckets():
     lay = plan.InputLayout(tokens=5, seqs=2, rows=2, width=3)
     spans = [(lay.ids, 5), (lay.positions, 5), (lay.slots, 5), (lay.tok_seq, 5),

@@ -28,7 +28,6 @@ from inference_service.backends.cuda_plan import (
     ATT_THREADS,
     DEC_THREADS,
     DEC_UNROLLS,
-    DECODE_UNROLL_DEFAULT,
     GEMV_MAX_TOKENS,
     GEMV_THREADS,
     InputLayout,
@@ -40,6 +39,7 @@ from inference_service.backends.cuda_plan import (
     check_supported,
     decode_attention_kernel,
     decode_splits,
+    decode_unroll_for,
     gemm_tile,
     gemv_grid,
     gemv_smem,
@@ -133,10 +133,10 @@ class CudaBackend:
         self.config = c
         self.block_size = block_size
         self.use_graphs = use_graphs
-        # Attention for <= 8 token rows: 0 = the tiled paged_attention_d* (default: faster on
-        # the H100 in every measured shape, bench/README.md), U = paged_decode_d*_u{U}.
-        # Clear the graphs after a change.
-        self.decode_unroll = DECODE_UNROLL_DEFAULT
+        # Attention for <= 8 token rows: None = paged_decode_d*_u{U} with U picked per launch
+        # (cuda_plan.decode_unroll_for), U = that kernel with a fixed U, 0 = the tiled
+        # paged_attention_d*. Clear the graphs after a change.
+        self.decode_unroll: int | None = None
         self.graph_buckets = tuple(sorted(graph_buckets))
         self._cuda = cuda
         cuda.init()
@@ -511,8 +511,8 @@ class CudaBackend:
         gate_up, act = int(ws.gate_up), int(ws.act)
         small = T <= GEMV_MAX_TOKENS
         max_splits = min(MAX_SPLITS, (PARTIAL_TOKENS * MAX_SPLITS) // T)
-        if small and self.decode_unroll:  # splits used per row's length, see decode_splits
-            u = self.decode_unroll
+        if small and self.decode_unroll != 0:  # splits used per row's length, see decode_splits
+            u = self.decode_unroll or decode_unroll_for(max_ctx, c.num_kv_heads, T)
             att_name, att_threads = decode_attention_kernel(c.head_dim, u), DEC_THREADS
             nsplit = decode_splits(max_ctx, c.head_dim, max_splits, u)
         else:

@@ -24,8 +24,10 @@ DEC_WARPS = 8
 DEC_THREADS = 32 * DEC_WARPS
 DEC_UNROLLS = (1, 2, 4, 8)
 DEC_U = 2  # default unroll of the helpers below
-# Split decode kernel with 4 keys in flight: fastest on the H100 (bench/README.md, "Run 3").
-DECODE_UNROLL_DEFAULT = 4
+# Split decode kernel unroll picked per launch from the work it covers (context x kv heads x
+# rows): few keys favour small chunks spread over more blocks, many keys fewer, fuller blocks.
+# Thresholds fit every point of the H100 / H200 sweeps in bench/README.md ("Decode attention").
+DEC_UNROLL_BY_WORK = ((1200, 1), (4096, 2), (16384, 4))  # work <= limit -> unroll; else 8
 
 
 def check_supported(c: ModelConfig) -> None:
@@ -127,6 +129,15 @@ def decode_attention_kernel(head_dim: int, unroll: int = DEC_U) -> str:
     if unroll not in DEC_UNROLLS:
         raise ValueError(f"no decode attention kernel with unroll {unroll} (have {DEC_UNROLLS})")
     return f"paged_decode_d{head_dim}_u{unroll}"
+
+
+def decode_unroll_for(max_ctx: int, kv_heads: int, rows: int) -> int:
+    """The paged_decode unroll for a launch over `rows` rows of up to max_ctx keys."""
+    work = max_ctx * kv_heads * rows
+    for limit, unroll in DEC_UNROLL_BY_WORK:
+        if work <= limit:
+            return unroll
+    return DEC_UNROLLS[-1]
 
 
 def decode_chunk(head_dim: int, unroll: int = DEC_U) -> int:

@@ -101,10 +101,10 @@ def test_graph_replay_equals_eager(tiny):
     assert (graph.argmax(1) == eager.argmax(1)).all()
 
 
-@pytest.mark.parametrize("unroll", [1, 2, 4, 8])
+@pytest.mark.parametrize("unroll", [None, 1, 2, 4, 8, 0])
 def test_decode_attention_kernels_in_the_backend(tiny, unroll):
-    """The paged_decode_d*_u* kernels (decode_unroll; 0 = the tiled kernel, the default)
-    through the backend: decode logits of three rows (1 to 3 splits for small U) against numpy,
+    """The decode attention kernels through the backend (decode_unroll: None = U picked per
+    launch, the default; U = paged_decode_d*_u{U}; 0 = the tiled kernel): decode logits of three rows (1 to 3 splits for small U) against numpy,
     and graph replay against eager."""
     _, model = tiny
     lens = (150, 70, 9)

@@ -165,10 +165,10 @@ def test_rope_kv_write(K, mode, D):
 
 
 def gemv_call(K, nt, W_bits, x_dev, xmode, x_stride, x_rows, norm_w, y, ymode, y_stride, bias,
-              argmax, pair=False):  # fmt: skip
+              argmax, pair=False, grid=None):  # fmt: skip
     n_rows = W_bits.shape[0] // (2 if pair else 1)
     k = W_bits.shape[1]
-    grid = max(1, min(-(-n_rows // 4), 132 * 8))
+    grid = grid or max(1, min(-(-n_rows // 4), 132 * 8))
     launch(K, f"{'gemv_pair' if pair else 'gemv'}_t{nt}", "PiiPiiPPfPiiPP", (grid, 1, 1),
            (128, 1, 1), dev(K, W_bits), n_rows, k, x_dev, xmode, x_stride, x_rows, norm_w,
            1e-5, y, ymode, y_stride, bias, argmax, shared=nt * k * 2)  # fmt: skip
@@ -202,6 +202,34 @@ def test_gemv_bf16_input_modes(K, nt, shape):
     keys = get(K, am, nt, np.uint64)
     ids = (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
     np.testing.assert_array_equal(ids, np.argmax(got, axis=1))
+
+
+@pytest.mark.parametrize("nt", [1, 5])
+@pytest.mark.parametrize("shape,grid", [((1001, 576), 3), ((301, 8200), 2), ((77, 4104), 1)])
+def test_gemv_warps_stream_many_rows_and_chunks(K, nt, shape, grid):
+    """A small grid: every warp runs many rows, and long rows take several chunks (K = 8200
+    is 1025 16-byte vectors, so the last chunk is partial): the software pipeline that loads the
+    next chunk / row while the current one is summed must give every row its own sums."""
+    N, Kd = shape
+    rng = np.random.default_rng(7 * N + nt)
+    W = bf(rng.standard_normal((N, Kd)))
+    x = bf(rng.standard_normal((nt, Kd)))
+    ref = unbf(x).astype(np.float64) @ unbf(W).T.astype(np.float64)
+    y = dev(K, np.full((nt, N), np.nan, np.float32))
+    am = dev(K, np.zeros(nt, np.uint64))
+    gemv_call(K, nt, W, dev(K, x), 0, Kd, 0, 0, y, 2, N, 0, am, grid=grid)
+    got = get(K, y, (nt, N), np.float32)
+    assert rel_err(got, ref) < TOL_F32
+    keys = get(K, am, nt, np.uint64)
+    ids = (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
+    np.testing.assert_array_equal(ids, np.argmax(got, axis=1))
+    # pair mode (SwiGLU) on the same shape: 2 * (N // 2) rows
+    n2 = N // 2
+    W2 = W[: 2 * n2]
+    y2 = dev(K, nan_bf16((nt, n2)))
+    gemv_call(K, nt, W2, dev(K, x), 0, Kd, 0, 0, y2, 0, n2, 0, 0, pair=True, grid=grid)
+    g, u = bf16_round(ref[:, :n2]).astype(np.float64), bf16_round(ref[:, n2 : 2 * n2])
+    assert rel_err(unbf(get(K, y2, (nt, n2), np.uint16)), g / (1 + np.exp(-g)) * u) < TOL_BF16
 
 
 @pytest.mark.parametrize("nt", [1, 3, 8])
