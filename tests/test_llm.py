@@ -105,6 +105,10 @@ def test_bad_requests(tiny):
         llm.generate([1, 999], GREEDY)
     with pytest.raises(ValueError, match="temperature"):
         llm.generate([1, 2], SamplingParams(temperature=-1))
+    # the served path's protobuf field is uint64: the in-process API refuses the same seeds
+    for seed in (-1, 2**64):
+        with pytest.raises(ValueError, match="seed must be between 0 and 2\\*\\*64 - 1"):
+            llm.generate([1, 2], SamplingParams(seed=seed))
 
 
 @pytest.mark.slow
