@@ -1,0 +1,208 @@
+"""Sampling on the device: the host side of cuda_kernels/sampling.cu::sample_rows.
+
+The CUDA backend's lm_head GEMV writes one fp32 logits row per sampled item. Rows that are not
+plain greedy (temperature, top-k, top-p, min-p, repetition penalty, logprobs) go through one
+sample_rows launch for all of them: one block per row runs what
+inference_service/engine/sampler.py::sample does on the host, with the same semantics. The
+one random number per row, u = sampler.uniform_for(seed, step), is still drawn here, so a
+seeded request gives the same tokens on every backend and in every batching.
+
+A step's rows travel as one packed int32 buffer (PARAM_WORDS per row, then the history ids of
+rows with a repetition penalty) in one host-to-device copy; the results (token, its logprob,
+the top-n) come back in one device-to-host copy. enqueue() only queues work on the stream;
+finish() reads the results after the caller has synchronized it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from inference_service.engine.sampler import uniform_for
+from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+
+# Must match the SP_* / SAMPLE_* defines in cuda_kernels/sampling.cu.
+PARAM_WORDS = 12
+SP_ROW, SP_NLOGPROBS, SP_TOPK, SP_HIST_OFF, SP_HIST_LEN = 0, 1, 2, 3, 4
+SP_TEMP, SP_TOPP, SP_MINP, SP_PENALTY, SP_U = 6, 7, 8, 9, 10
+OUT_WORDS = 44
+MAX_TOP = 20
+THREADS = 1024
+MAX_VOCAB = 1 << 20  # fixed-point masses (w * 2^44) of a row must sum within 64 bits
+SIGNATURE = "PiPPPP"
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def supported(params: SamplingParams, vocab: int) -> bool:
+    """Whether sample_rows reproduces sampler.sample for this row."""
+    floats = (params.temperature, params.top_p, params.min_p, params.repetition_penalty)
+    return (
+        vocab < MAX_VOCAB
+        and (params.logprobs is None or 0 <= params.logprobs <= MAX_TOP)
+        and all(abs(v) < _F32_MAX for v in floats)  # sent as float32
+    )
+
+
+class _Uniforms(threading.local):
+    """uniform_for(seed, step) for seeded rows, without building a Philox generator per call
+    (about 30 us each): one generator per thread whose key and counter are reset per draw.
+    The same numbers as uniform_for (tests/test_cuda_sampler.py checks)."""
+
+    def __init__(self) -> None:
+        self._bg = np.random.Philox(key=np.zeros(2, np.uint64))
+        self._gen = np.random.Generator(self._bg)
+
+    def __call__(self, seed: int | None, step: int) -> float:
+        if seed is None:
+            return uniform_for(None, step)
+        key = np.array([seed & _U64, step & _U64], dtype=np.uint64)
+        self._bg.state = {
+            "bit_generator": "Philox",
+            "state": {"counter": np.zeros(4, np.uint64), "key": key},
+            "buffer": np.zeros(4, np.uint64),
+            "buffer_pos": 4,
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        return float(self._gen.random())
+
+
+_U64 = (1 << 64) - 1
+fast_uniform_for = _Uniforms()
+
+
+# One row of parameters: SP_ROW .. SP_HIST_LEN, a pad word, SP_TEMP .. SP_PENALTY as float32,
+# SP_U as float64 (byte 40: 8-byte aligned).
+_ROW = struct.Struct("<6i4fd")
+assert _ROW.size == 4 * PARAM_WORDS
+
+
+def pack_rows(
+    logits_rows: Sequence[int],
+    params: Sequence[SamplingParams],
+    histories: Sequence[np.ndarray],
+    steps: Sequence[int],
+    vocab: int,
+    uniforms: Sequence[float] | None = None,
+) -> np.ndarray:
+    """int32 [rows * PARAM_WORDS + history ids]: what sample_rows reads for these rows.
+
+    History ids are only sent for rows whose penalty is on, with ids outside the vocabulary
+    dropped here (the kernel skips duplicates). u is drawn with uniform_for unless given
+    (tests); greedy rows draw nothing, as in sampler.sample."""
+    n = len(params)
+    hists: list[np.ndarray] = []
+    for p, h in zip(params, histories, strict=True):
+        if p.repetition_penalty == 1.0 or h is None or len(h) == 0:
+            hists.append(np.zeros(0, np.int32))
+            continue
+        h = np.asarray(h)
+        hists.append(h[(h >= 0) & (h < vocab)].astype(np.int32, copy=False))
+    total = n * PARAM_WORDS + sum(len(h) for h in hists)
+    buf = np.zeros(total, np.int32)
+    raw = memoryview(buf).cast("B")
+    off = 0
+    for r, (p, h) in enumerate(zip(params, hists, strict=True)):
+        if p.greedy:
+            u = 0.0
+        elif uniforms is not None:
+            u = uniforms[r]
+        else:
+            u = fast_uniform_for(p.seed, steps[r])
+        # top_p / min_p as float32: numpy compares a float32 array with a Python float in
+        # float32 (NEP 50), so these are the values the host sampler effectively uses.
+        _ROW.pack_into(raw, 4 * r * PARAM_WORDS, logits_rows[r],
+                       -1 if p.logprobs is None else min(p.logprobs, vocab),
+                       p.top_k if 0 < p.top_k < vocab else 0, off, len(h), 0,
+                       p.temperature, p.top_p, p.min_p, p.repetition_penalty, u)  # fmt: skip
+        start = n * PARAM_WORDS + off
+        buf[start : start + len(h)] = h
+        off += len(h)
+    return buf
+
+
+def unpack_rows(out: np.ndarray, params: Sequence[SamplingParams]) -> list[SampleOutput]:
+    """SampleOutputs from sample_rows' int32 [rows, OUT_WORDS] results."""
+    res: list[SampleOutput] = []
+    lps = out.view(np.float32)
+    for r, p in enumerate(params):
+        token = int(out[r, 0])
+        if p.logprobs is None:
+            res.append(SampleOutput(token_id=token))
+            continue
+        n = int(out[r, 2])
+        top = [(int(out[r, 4 + j]), float(lps[r, 4 + MAX_TOP + j])) for j in range(n)]
+        res.append(SampleOutput(token_id=token, logprob=float(lps[r, 1]), top_logprobs=top))
+    return res
+
+
+class DeviceSampler:
+    """Buffers and the launch of sample_rows for one backend (one context, one stream)."""
+
+    def __init__(self, cuda: Any, kernels: Any, vocab: int) -> None:
+        self._cuda = cuda
+        self.vocab = vocab
+        self._fn = kernels.fn("sample_rows").prepare(SIGNATURE)
+        self._in_cap = 0
+        self._rows_cap = 0
+        self._in_dev = self._in_host = None
+        self._scratch = self._out_dev = self._out_host = None
+        self._pending: tuple[int, list[SamplingParams]] | None = None
+
+    def _reserve(self, words: int, rows: int) -> None:
+        cuda = self._cuda
+        if words > self._in_cap:
+            self._in_cap = max(words, 2 * self._in_cap, 4096)
+            self._in_dev = cuda.mem_alloc(self._in_cap * 4)
+            self._in_host = cuda.pagelocked_empty(self._in_cap, np.int32)
+        if rows > self._rows_cap:
+            self._rows_cap = max(rows, 2 * self._rows_cap)
+            self._scratch = None  # free first: the scratch is rows x vocab floats
+            self._scratch = cuda.mem_alloc(self._rows_cap * self.vocab * 4)
+            self._out_dev = cuda.mem_alloc(self._rows_cap * OUT_WORDS * 4)
+            self._out_host = cuda.pagelocked_empty((self._rows_cap, OUT_WORDS), np.int32)
+
+    def enqueue(
+        self,
+        logits: int,
+        logits_rows: Sequence[int],
+        params: Sequence[SamplingParams],
+        histories: Sequence[np.ndarray],
+        steps: Sequence[int],
+        stream: Any,
+        uniforms: Sequence[float] | None = None,
+    ) -> None:
+        """Queue sampling of the given rows of the fp32 logits buffer (row r at r * vocab; the
+        kernel writes the penalized logits back into it). Call finish() after syncing."""
+        n = len(params)
+        if n == 0:
+            self._pending = None
+            return
+        packed = pack_rows(logits_rows, params, histories, steps, self.vocab, uniforms)
+        self._reserve(len(packed), n)
+        cuda = self._cuda
+        self._in_host[: len(packed)] = packed
+        cuda.memcpy_htod_async(self._in_dev, self._in_host[: len(packed)], stream)
+        hist = int(self._in_dev) + 4 * n * PARAM_WORDS
+        self._fn.prepared_async_call((n, 1, 1), (THREADS, 1, 1), stream, logits, self.vocab,
+                                     self._in_dev, hist, self._scratch, self._out_dev)  # fmt: skip
+        cuda.memcpy_dtoh_async(self._out_host[:n], self._out_dev, stream)
+        self._pending = (n, list(params))
+
+    def finish(self) -> list[SampleOutput]:
+        """The outputs of the last enqueue(), once its stream has been synchronized."""
+        if self._pending is None:
+            return []
+        n, params = self._pending
+        self._pending = None
+        return unpack_rows(np.array(self._out_host[:n]), params)
+
+    def sample(self, logits: int, logits_rows, params, histories, steps, stream, uniforms=None):
+        """enqueue + synchronize + finish (tests and benchmarks)."""
+        self.enqueue(logits, logits_rows, params, histories, steps, stream, uniforms)
+        stream.synchronize()
+        return self.finish()

@@ -1,0 +1,97 @@
+"""The host side of the device sampler (backends/cuda_sampler.py) without a GPU: the packed
+parameter layout sample_rows reads, the uniforms (identical to sampler.uniform_for), and the
+unpacking of its results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference_service.backends import cuda_sampler as cs
+from inference_service.engine.sampler import uniform_for
+from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+
+
+def test_fast_uniforms_equal_uniform_for():
+    rng = np.random.default_rng(0)
+    seeds = [0, 1, 2**32 - 1, 2**63 + 5, 2**64 - 1, -1, -(2**63)] + rng.integers(
+        0, 2**62, 20
+    ).tolist()
+    for seed in seeds:
+        for step in (0, 1, 7, 2**31, 2**64 - 1):
+            assert cs.fast_uniform_for(seed, step) == uniform_for(seed, step), (seed, step)
+    u = cs.fast_uniform_for(None, 0)  # unseeded: fresh entropy, still in [0, 1)
+    assert 0.0 <= u < 1.0
+
+
+def test_pack_rows_layout():
+    vocab = 1000
+    params = [
+        SamplingParams(
+            temperature=0.7,
+            top_k=40,
+            top_p=0.9,
+            min_p=0.05,
+            seed=3,
+            repetition_penalty=1.3,
+            logprobs=5,
+        ),  # fmt: skip
+        SamplingParams(temperature=0.0, repetition_penalty=1.2),  # greedy: u unused
+        SamplingParams(temperature=1.0, top_k=vocab, seed=4),  # k >= vocab: off
+        SamplingParams(temperature=1.0, top_k=5000, seed=5, logprobs=0),
+    ]
+    hists = [
+        np.array([5, -1, 5, 999, 1000, 12, 3000]),
+        np.array([7, 7, 8], np.int32),
+        np.array([1, 2, 3]),  # penalty off: not sent
+        np.zeros(0, np.int64),
+    ]
+    steps = [11, 0, 2, 9]
+    buf = cs.pack_rows([3, 0, 2, 1], params, hists, steps, vocab)
+    assert buf.dtype == np.int32
+    n, W = len(params), cs.PARAM_WORDS
+    head = buf[: n * W].reshape(n, W)
+    tail = buf[n * W :]
+    assert head[:, cs.SP_ROW].tolist() == [3, 0, 2, 1]
+    assert head[:, cs.SP_NLOGPROBS].tolist() == [5, -1, -1, 0]
+    assert head[:, cs.SP_TOPK].tolist() == [40, 0, 0, 0]
+    assert head[:, cs.SP_HIST_LEN].tolist() == [4, 3, 0, 0]  # out-of-range ids dropped
+    offs = head[:, cs.SP_HIST_OFF]
+    assert tail[offs[0] : offs[0] + 4].tolist() == [5, 5, 999, 12]  # duplicates kept
+    assert tail[offs[1] : offs[1] + 3].tolist() == [7, 7, 8]
+    assert len(tail) == 7
+    f = head.view(np.float32)
+    assert f[0, cs.SP_TEMP] == np.float32(0.7) and f[0, cs.SP_TOPP] == np.float32(0.9)
+    assert f[0, cs.SP_MINP] == np.float32(0.05) and f[0, cs.SP_PENALTY] == np.float32(1.3)
+    u = np.ascontiguousarray(head[:, cs.SP_U : cs.SP_U + 2]).view(np.float64)[:, 0]
+    assert u[0] == uniform_for(3, 11) and u[1] == 0.0 and u[2] == uniform_for(4, 2)
+    assert u[3] == uniform_for(5, 9)
+    given = cs.pack_rows([0], params[:1], hists[:1], [0], vocab, uniforms=[0.25])
+    assert np.ascontiguousarray(given[cs.SP_U : cs.SP_U + 2]).view(np.float64)[0] == 0.25
+
+
+def test_pack_rows_needs_matching_lengths():
+    with pytest.raises(ValueError):
+        cs.pack_rows([0], [SamplingParams()], [], [0], 10)
+
+
+def test_unpack_rows():
+    out = np.zeros((3, cs.OUT_WORDS), np.int32)
+    f = out.view(np.float32)
+    out[:, 0] = [17, 4, 9]
+    f[1, 1], out[1, 2] = -1.5, 2
+    out[1, 4:6] = [4, 8]
+    f[1, 4 + cs.MAX_TOP : 6 + cs.MAX_TOP] = [-1.5, -2.25]
+    f[2, 1] = -0.5
+    params = [SamplingParams(), SamplingParams(logprobs=2), SamplingParams(logprobs=0)]
+    assert cs.unpack_rows(out, params) == [
+        SampleOutput(17),
+        SampleOutput(4, -1.5, [(4, -1.5), (8, -2.25)]),
+        SampleOutput(9, -0.5, []),
+    ]
+
+
+def test_supported():
+    assert cs.supported(SamplingParams(top_p=0.5, logprobs=20), 151936)
+    assert not cs.supported(SamplingParams(), cs.MAX_VOCAB)
+    assert not cs.supported(SamplingParams(temperature=1e39), 1000)  # not a float32
