@@ -67,6 +67,9 @@ def main() -> None:
         spin = kernels.fn("spin_wait").prepare("q")
         print(f"{dev.name()}: one layer's causal attention over a {args.tokens}-token prompt, "
               f"median of {args.reps} (us)")  # fmt: skip
+        # What this timing method reports for a kernel that does nothing (launch + events).
+        floor = time_launches(cuda, spin, spin, (1, 1, 1), (1, 1, 1), (0,), 0, args.reps)
+        print(f"(an empty kernel measures {floor:.1f} us this way)")
         print(f"{'model':<14} {'H/KVH/D':>9} {'old':>8} {'k2':>8} {'k4':>8} {'picked':>7} "
               f"{'speedup':>8} {'TFLOP/s':>8}")  # fmt: skip
         rng = np.random.default_rng(0)
