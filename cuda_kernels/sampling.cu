@@ -242,47 +242,93 @@ __device__ __forceinline__ u64 block_excl_scan_u64(u64 v, u64* total, SampleSmem
     return before_warp + incl - v;
 }
 
+// Radix histograms in sm.hist: 2048 bins of counts (u32) or of fixed-point masses. A mass
+// bin is two u32 words, the low half plus a high half that also takes the carries (an add
+// whose low word wraps adds 1 there): exact and order-independent with native 32-bit shared
+// atomics only (a 64-bit shared atomicAdd is a compare-and-swap loop, slow under collisions).
+#define RADIX_BINS0 2048
+#define RADIX_SHIFT0 21  // first digit: key bits 31..21 (sign, exponent, 2 mantissa bits)
+
+template <bool MASS>
+__device__ __forceinline__ void hist_zero(SampleSmem& sm, int nb) {
+    uint32_t* h = reinterpret_cast<uint32_t*>(sm.hist);
+    for (int i = threadIdx.x; i < nb; i += blockDim.x) {
+        h[i] = 0u;
+        if (MASS) h[RADIX_BINS0 + i] = 0u;
+    }
+}
+
+template <bool MASS>
+__device__ __forceinline__ void hist_add(SampleSmem& sm, uint32_t bin, u64 wt) {
+    uint32_t* h = reinterpret_cast<uint32_t*>(sm.hist);
+    if (!MASS) {
+        atomicAdd(&h[bin], (uint32_t)wt);
+        return;
+    }
+    const uint32_t lo = (uint32_t)wt;
+    const uint32_t old = atomicAdd(&h[bin], lo);
+    const uint32_t hi = (uint32_t)(wt >> 32) + (old > 0xffffffffu - lo ? 1u : 0u);
+    if (hi) atomicAdd(&h[RADIX_BINS0 + bin], hi);
+}
+
+template <bool MASS>
+__device__ __forceinline__ u64 hist_get(const SampleSmem& sm, int bin) {
+    const uint32_t* h = reinterpret_cast<const uint32_t*>(sm.hist);
+    return MASS ? ((u64)h[RADIX_BINS0 + bin] << 32) | h[bin] : (u64)h[bin];
+}
+
+// An element's weight in a select: 1 (counts) or its fixed-point mass, a function of its key
+// (the float bits of its weight w).
+template <bool MASS>
+__device__ __forceinline__ u64 key_weight(uint32_t key) {
+    return MASS ? fixw(__uint_as_float(key)) : 1ull;
+}
+
 // The key T with weight(key > T) < X <= weight(key >= T) over the elements of p[0, n) that
-// get(i, p[i], key, weight) accepts: the X-th largest key when the weights are counts (W =
-// unsigned), the top-p threshold when they are fixed-point masses (W = u64). Needs 1 <= X <=
-// the total weight and blockDim.x == SAMPLE_THREADS. Digits of 11, 11 and 10 bits: 3 passes;
-// the wide first digit spreads real logits / weights over many bins, so few atomics collide.
-// Integer weights: exact and independent of the order of the atomics.
-template <typename W, typename Get>
-__device__ Sel radix_select(const float* p, int n, u64 X, Get get, SampleSmem& sm) {
-    W* hist = reinterpret_cast<W*>(sm.hist);
+// get(i, p[i], key) accepts: the X-th largest key when the weights are counts, the top-p
+// threshold when they are masses (MASS: weight = fixw(float of key)). Needs 1 <= X <= the
+// total weight and blockDim.x == SAMPLE_THREADS. Digits of 11, 11 and 10 bits: 3 passes; the
+// wide first digit spreads real logits / weights over many bins, so few atomics collide.
+// hist0_ready: the caller's own pass already built the first level's histogram (hist_zero +
+// hist_add of every accepted element into bin key >> RADIX_SHIFT0), saving that pass.
+template <bool MASS, typename Get>
+__device__ Sel radix_select(const float* p, int n, u64 X, Get get, SampleSmem& sm,
+                            bool hist0_ready = false) {
     uint32_t prefix = 0, mask = 0;
     u64 above = 0, group = 0;
 #pragma unroll 1
     for (int lv = 0; lv < 3; ++lv) {
-        const int shift = lv == 0 ? 21 : (lv == 1 ? 10 : 0);
-        const int nb = lv == 2 ? 1024 : 2048;
+        const int shift = lv == 0 ? RADIX_SHIFT0 : (lv == 1 ? 10 : 0);
+        const int nb = lv == 2 ? 1024 : RADIX_BINS0;
         const uint32_t dmask = (uint32_t)nb - 1u;
         __syncthreads();  // the previous level's readers are done with hist / sel_*
-        for (int i = threadIdx.x; i < nb; i += blockDim.x) hist[i] = 0;
         if (threadIdx.x == 0) {  // unreachable fallback: keep `above`, empty group
             sm.sel_digit = 0u;
             sm.sel_above = above;
             sm.sel_group = 0ull;
         }
-        __syncthreads();
-        for_each(p, n, [&](int i, float v) {
-            uint32_t key;
-            W wt;
-            if (get(i, v, key, wt) && wt != 0 && (key & mask) == prefix)
-                atomicAdd(&hist[(key >> shift) & dmask], wt);
-        });
-        __syncthreads();
+        if (lv > 0 || !hist0_ready) {
+            hist_zero<MASS>(sm, nb);
+            __syncthreads();
+            for_each(p, n, [&](int i, float v) {
+                uint32_t key;
+                if (get(i, v, key) && (key & mask) == prefix) {
+                    const u64 wt = key_weight<MASS>(key);
+                    if (wt != 0ull) hist_add<MASS>(sm, (key >> shift) & dmask, wt);
+                }
+            });
+            __syncthreads();
+        }
         // Thread t owns the bpt bins just below those of thread t - 1 (thread 0: the top ones),
         // so an exclusive scan gives each thread the weight of all larger bins.
         const int bpt = nb / SAMPLE_THREADS;
         const int top_bin = nb - 1 - (int)threadIdx.x * bpt;
         u64 s = 0;
-        for (int j = 0; j < bpt; ++j) s += (u64)hist[top_bin - j];
+        for (int j = 0; j < bpt; ++j) s += hist_get<MASS>(sm, top_bin - j);
         u64 tot;
         u64 cum = above + block_excl_scan_u64(s, &tot, sm);
         for (int j = 0; j < bpt; ++j) {
-            const u64 b = (u64)hist[top_bin - j];
+            const u64 b = hist_get<MASS>(sm, top_bin - j);
             if (cum < X && cum + b >= X) {  // exactly one bin crosses X
                 sm.sel_digit = (uint32_t)(top_bin - j);
                 sm.sel_above = cum;
@@ -319,11 +365,11 @@ sample_rows(float* __restrict__ logits, int vocab, const int* __restrict__ param
     const float temp = __int_as_float(prm[SP_TEMP]), top_p = __int_as_float(prm[SP_TOPP]);
     const float min_p = __int_as_float(prm[SP_MINP]), pen = __int_as_float(prm[SP_PENALTY]);
     const double u = *reinterpret_cast<const double*>(prm + SP_U);
-    auto by_logit = [](int, float v, uint32_t& key, unsigned& wt) {
+    auto by_logit = [](int, float v, uint32_t& key) {
         key = ckey(v);
-        wt = 1u;
         return true;
     };
+    const bool sampled = temp != 0.f, use_topk = sampled && topk > 0 && topk < vocab;
 
     // 1. Repetition penalty, once per distinct history id (a bitmap in the scratch row).
     const int hlen = prm[SP_HIST_LEN];
@@ -344,11 +390,19 @@ sample_rows(float* __restrict__ logits, int vocab, const int* __restrict__ param
         __syncthreads();
     }
 
-    // 2. Max (and greedy argmax, ties -> lowest id) of the penalized logits.
+    // 2. Max (and greedy argmax, ties -> lowest id) of the penalized logits; when a count
+    // select over the logits follows (top-n, top-k), its first histogram in the same pass.
+    bool xhist = nlp > 0 || use_topk;
+    if (xhist) {
+        hist_zero<false>(sm, RADIX_BINS0);
+        __syncthreads();
+    }
     u64 best = 0ull;
     for_each(x, vocab, [&](int i, float v) {
-        const u64 k = ((u64)ckey(v) << 32) | (u64)(0xffffffffu - (uint32_t)i);
+        const uint32_t key = ckey(v);
+        const u64 k = ((u64)key << 32) | (u64)(0xffffffffu - (uint32_t)i);
         best = k > best ? k : best;
+        if (xhist) hist_add<false>(sm, key >> RADIX_SHIFT0, 1ull);
     });
     best = block_max_u64(best, sm);
     const float xmax = key_float((uint32_t)(best >> 32));
@@ -363,16 +417,16 @@ sample_rows(float* __restrict__ logits, int vocab, const int* __restrict__ param
     }
     if (nlp > 0) {
         const int n = min(nlp, min(vocab, SAMPLE_MAX_TOP));
-        const Sel s = radix_select<unsigned>(x, vocab, (u64)n, by_logit, sm);
+        const Sel s = radix_select<false>(x, vocab, (u64)n, by_logit, sm, xhist);
+        xhist = false;
         uint32_t id_cut = 0xffffffffu;  // ties at the threshold: the lowest ids
         if (s.at_least > (u64)n) {
             const uint32_t T = s.key;
-            auto tie_ids = [T](int i, float v, uint32_t& key, unsigned& wt) {
+            auto tie_ids = [T](int i, float v, uint32_t& key) {
                 key = ~(uint32_t)i;
-                wt = 1u;
                 return ckey(v) == T;
             };
-            id_cut = ~radix_select<unsigned>(x, vocab, (u64)n - s.above, tie_ids, sm).key;
+            id_cut = ~radix_select<false>(x, vocab, (u64)n - s.above, tie_ids, sm).key;
         }
         if (tid == 0) sm.ntop = 0;
         __syncthreads();
@@ -411,44 +465,51 @@ sample_rows(float* __restrict__ logits, int vocab, const int* __restrict__ param
         o[2] = 0;
     }
 
-    if (temp != 0.f) {
+    if (sampled) {
         // 4. Temperature; top-k threshold on the logits (division keeps the order).
         const float ms = xmax / temp;
         float kth = -INFINITY;
-        if (topk > 0 && topk < vocab)
-            kth = key_float(radix_select<unsigned>(x, vocab, (u64)topk, by_logit, sm).key) / temp;
-        // 5. Kept weights w = exp(s - max) (0 where top-k drops), their fixed-point total.
+        if (use_topk)
+            kth = key_float(radix_select<false>(x, vocab, (u64)topk, by_logit, sm, xhist).key) / temp;
+        // 5. Kept weights w = exp(s - max) (0 where top-k drops), their fixed-point total and,
+        // for top-p, the first histogram of their masses.
+        const bool use_topp = top_p < 1.f;
+        if (use_topp) {
+            __syncthreads();  // a select above may still read hist
+            hist_zero<true>(sm, RADIX_BINS0);
+            __syncthreads();
+        }
         u64 zsum = 0;
         for_each(x, vocab, [&](int i, float v) {
             const float s = v / temp;
             const float wi = s >= kth ? expf(s - ms) : 0.f;
             w[i] = wi;
-            zsum += fixw(wi);
+            const u64 f = fixw(wi);
+            zsum += f;
+            if (use_topp && f != 0ull) hist_add<true>(sm, __float_as_uint(wi) >> RADIX_SHIFT0, f);
         });
         const u64 z = block_sum_u64(zsum, sm);  // its barriers order the w writes before reads
         // 6. Top-p: keep key(w) > pT, and among key(w) == pT the ids <= p_cut (numpy's stable
         // most-likely-first order keeps a prefix of each tie group).
         uint32_t pT = 0u, p_cut = 0xffffffffu;
-        if (top_p < 1.f) {
+        if (use_topp) {
             u64 X = (u64)ceil((double)top_p * (double)z);
             X = X < 1ull ? 1ull : (X > z ? z : X);
-            auto by_weight = [](int, float v, uint32_t& key, u64& wt) {
+            auto by_weight = [](int, float v, uint32_t& key) {
                 key = __float_as_uint(v);
-                wt = fixw(v);
                 return true;
             };
-            const Sel s = radix_select<u64>(w, vocab, X, by_weight, sm);
+            const Sel s = radix_select<true>(w, vocab, X, by_weight, sm, true);
             pT = s.key;
             const u64 wt = fixw(__uint_as_float(pT));  // > 0: the crossing group has mass
             const u64 g = (s.at_least - s.above) / wt;
             const u64 c = (X - s.above + wt - 1) / wt;  // group members whose mass before < X
             if (c < g) {
-                auto tie_ids = [pT](int i, float v, uint32_t& key, unsigned& wt1) {
+                auto tie_ids = [pT](int i, float v, uint32_t& key) {
                     key = ~(uint32_t)i;
-                    wt1 = 1u;
                     return __float_as_uint(v) == pT;
                 };
-                p_cut = ~radix_select<unsigned>(w, vocab, c, tie_ids, sm).key;
+                p_cut = ~radix_select<false>(w, vocab, c, tie_ids, sm).key;
             }
         }
         // 7. Draw: the first id (ascending) whose cumulative kept weight exceeds u * total.
