@@ -149,3 +149,18 @@ def test_logprobs_and_top_n():
     assert [t for t, _ in out.top_logprobs] == order.tolist()
     np.testing.assert_allclose([lp for _, lp in out.top_logprobs], ref[order], atol=1e-5)
     assert sample(logits, SamplingParams(), EMPTY, 0).logprob is None
+
+
+def test_top_n_logprobs_ties_keep_the_lowest_ids():
+    """n cuts through a group of equal logits: the lowest ids of the group are listed, most
+    likely first (the order a stable sort by -logprob gives)."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal(5000).astype(np.float32) - 10.0
+    logits[[4000, 17]] = 5.0  # the top two, tied: 17 first
+    tied = np.array([3999, 12, 4500, 250, 77])
+    logits[tied] = 2.0  # a five-way tie for places 3..7
+    out = sample(logits, SamplingParams(temperature=0.0, logprobs=4), EMPTY, 0)
+    ref = torch.log_softmax(torch.tensor(logits), -1).numpy()
+    stable = np.argsort(-ref, kind="stable")[:4]
+    assert [t for t, _ in out.top_logprobs] == stable.tolist() == [17, 4000, 12, 77]
+    assert len(sample(logits[:3], SamplingParams(logprobs=20), EMPTY, 0).top_logprobs) == 3

@@ -103,8 +103,11 @@ def sample(
     lp = log_softmax(penalized)
     top: list[tuple[int, float]] = []
     if params.logprobs > 0:
-        n = params.logprobs
-        idx = np.argpartition(-lp, n - 1)[:n]
+        n = min(params.logprobs, lp.size)
+        # the n-th largest value; every id above it, then the lowest ids tied with it
+        kth = np.partition(lp, lp.size - n)[lp.size - n]
+        above = np.flatnonzero(lp > kth)
+        idx = np.concatenate([above, np.flatnonzero(lp == kth)[: n - above.size]])
         idx = idx[np.lexsort((idx, -lp[idx]))]  # most likely first, ties by id
         top = [(int(i), float(lp[i])) for i in idx]
     return SampleOutput(token_id=token, logprob=float(lp[token]), top_logprobs=top)
