@@ -8,6 +8,7 @@
 // each split writes a partial (o, m, l); the last split block to finish (atomic counter per
 // (token, kv head), reset after use) merges them, so no second launch is needed.
 #include "common.cuh"
+#include "split_merge.cuh"
 
 #define ATT_THREADS 256
 #define ATT_TILE 256  // keys per tile = threads
@@ -26,7 +27,6 @@ __device__ __forceinline__ void attention_impl(
     __shared__ float sc[ATT_GMAX][ATT_TILE];
     __shared__ int slot_s[ATT_TILE];
     __shared__ float m_s[ATT_GMAX], l_s[ATT_GMAX], alpha_s[ATT_GMAX];
-    __shared__ int last_s;
 
     pdl_trigger();
     pdl_wait();
@@ -200,39 +200,9 @@ __device__ __forceinline__ void attention_impl(
         }
         return;
     }
-    // Flash-decoding: publish this split's partial, the last split of (t, kvh) merges.
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-        const int g = i / D, d = i - g * D;
-        part_o[(((size_t)t * H + h0 + g) * nsplit + split) * D + d] = osum[i];
-    }
-    if (threadIdx.x < G) {
-        const size_t ml = (((size_t)t * H + h0 + threadIdx.x) * nsplit + split) * 2;
-        part_ml[ml] = m_s[threadIdx.x];
-        part_ml[ml + 1] = l_s[threadIdx.x];
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(&counters[t * KVH + kvh], 1);
-        last_s = (done == nsplit - 1);
-    }
-    __syncthreads();
-    if (!last_s) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-        const int g = i / D, d = i - g * D;
-        const size_t base = ((size_t)t * H + h0 + g) * nsplit;
-        float M = -INFINITY;
-        for (int s = 0; s < nsplit; ++s) M = fmaxf(M, __ldcg(part_ml + (base + s) * 2));
-        float L = 0.f, O = 0.f;
-        for (int s = 0; s < nsplit; ++s) {
-            const float w = __expf(__ldcg(part_ml + (base + s) * 2) - M);
-            L += w * __ldcg(part_ml + (base + s) * 2 + 1);
-            O += w * __ldcg(part_o + (base + s) * D + d);
-        }
-        out[(size_t)t * out_stride + (size_t)(h0 + g) * D + d] = f2bf(O / L);
-    }
-    if (threadIdx.x == 0) counters[t * KVH + kvh] = 0;  // ready for the next launch / replay
+    auto sum_of = [&](int g) { return l_s[g]; };
+    publish_and_merge_splits<D>(osum, m_s, sum_of, t, kvh, G, H, KVH, split, nsplit, nsplit, part_o,
+                                part_ml, counters, out, out_stride);
 }
 
 #define ATT_ARGS                                                                                 \

@@ -24,6 +24,7 @@
 //    merges them.
 #pragma once
 #include "common.cuh"
+#include "split_merge.cuh"
 
 #define DEC_THREADS 256
 #define DEC_WARPS 8
@@ -44,7 +45,6 @@ __device__ __forceinline__ void decode_attention_impl(
     __shared__ __align__(16) float osum[DEC_GMAX * D];
     __shared__ float m_w[2][DEC_WARPS][DEC_GMAX];  // per-chunk warp maxima, double-buffered
     __shared__ float m_s[DEC_GMAX], l_w[DEC_WARPS][DEC_GMAX];
-    __shared__ int last_s;
 
     pdl_trigger();
     const int t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, nz = gridDim.z;
@@ -200,39 +200,8 @@ __device__ __forceinline__ void decode_attention_impl(
             out[(size_t)t * out_stride + (size_t)h0 * D + i] = f2bf(osum[i] / block_l(i / D));
         return;
     }
-    // Flash-decoding: publish this split's partial; the last of the eff splits merges.
-    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) {
-        const int g = i / D, d = i - g * D;
-        part_o[(((size_t)t * H + h0 + g) * nz + split) * D + d] = osum[i];
-    }
-    if (threadIdx.x < G) {
-        const size_t ml = (((size_t)t * H + h0 + threadIdx.x) * nz + split) * 2;
-        part_ml[ml] = m_s[threadIdx.x];
-        part_ml[ml + 1] = block_l(threadIdx.x);
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(&counters[t * KVH + kvh], 1);
-        last_s = (done == eff - 1);
-    }
-    __syncthreads();
-    if (!last_s) return;
-    __threadfence();
-    for (int i = threadIdx.x; i < G * D; i += DEC_THREADS) {
-        const int g = i / D, d = i - g * D;
-        const size_t base = ((size_t)t * H + h0 + g) * nz;
-        float Mx = DEC_NEG;
-        for (int sp = 0; sp < eff; ++sp) Mx = fmaxf(Mx, __ldcg(part_ml + (base + sp) * 2));
-        float L = 0.f, O = 0.f;
-        for (int sp = 0; sp < eff; ++sp) {
-            const float w = __expf(__ldcg(part_ml + (base + sp) * 2) - Mx);
-            L += w * __ldcg(part_ml + (base + sp) * 2 + 1);
-            O += w * __ldcg(part_o + (base + sp) * D + d);
-        }
-        out[(size_t)t * out_stride + (size_t)(h0 + g) * D + d] = f2bf(O / L);
-    }
-    if (threadIdx.x == 0) counters[t * KVH + kvh] = 0;  // ready for the next launch / replay
+    publish_and_merge_splits<D>(osum, m_s, block_l, t, kvh, G, H, KVH, split, eff, nz,
+                                part_o, part_ml, counters, out, out_stride);
 }
 
 #define DEC_ARGS                                                                                 \

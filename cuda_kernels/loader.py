@@ -25,7 +25,7 @@ from typing import Any
 KERNEL_DIR = Path(__file__).resolve().parent
 NVCC_FLAGS: tuple[str, ...] = ("-O3", "-std=c++17", "-lineinfo")
 # Kernels that stage operands in more than the default 48 KiB of dynamic shared memory.
-BIG_SMEM_PREFIXES = ("gemv_", "gemm_")
+BIG_SMEM_PREFIXES = ("gemv_", "gemm_", "prefill_attention_")
 MAX_DYNAMIC_SMEM = 200 * 1024
 
 

@@ -194,13 +194,29 @@ def test_gemv_grid_fills_but_does_not_exceed_the_chip():
     assert plan.gemv_smem(8, 8192) == 8 * 8192 * 2
 
 
-def test_gemm_tile_choice():
-    assert plan.gemm_tile(2048, 2048, 132).name == "gemm_128x128"  # 256 blocks
-    assert plan.gemm_tile(1024, 2048, 132).name == "gemm_64x128"  # 128x128 would give 128
-    assert plan.gemm_tile(16, 64, 132).name == "gemm_64x64"
-    t = plan.gemm_tile(130, 260, 1)
-    assert t.grid(130, 260) == (3, 2, 1)
-    assert plan.GEMM_TILES[0].smem == 3 * 256 * 72 * 2
+def test_gemm_plan():
+    # Llama-3.2-1B at 512 tokens on 132 SMs: the fewest rounds of blocks per SM, big tiles
+    # where the rounds tie, split-K where K is long and the output tiles few
+    # (bench/prefill_gemm.py).
+    tile, splits = plan.gemm_plan(512, 8192, 2048, 132, plan.GEMM_SWIGLU)
+    assert (tile.name, splits) == ("gemm_128x256", 1)  # 256 blocks
+    assert plan.gemm_plan(512, 2048, 8192, 132, 1)[1] > 1  # down: 128 k-tiles
+    assert plan.gemm_plan(512, 3072, 2048, 132, 0)[1] == 1  # bf16 output: never split
+    assert plan.gemm_plan(16, 64, 64, 132, 1) == (plan.GEMM_TILES[-1], 1)  # one k-tile
+    t = plan.GEMM_TILES[1]
+    assert t.grid(130, 260) == (plan.ceil_div(130, t.bm), plan.ceil_div(260, t.bn), 1)
+    half = plan.ceil_div(260, t.bn // 2)  # a SwiGLU block covers bn / 2 output columns
+    assert t.grid(130, 260, swiglu=True, splits=1) == (plan.ceil_div(130, t.bm), half, 1)
+    assert t.grid(130, 260, splits=4)[2] == 4
+    assert plan.GEMM_TILES[0].smem == 4 * (128 + 256) * 64 * 2
+    for tile in plan.GEMM_TILES:  # gemm.cu's 64-wide k stages fit the opt-in shared memory
+        assert tile.smem <= 200 * 1024
+    for m, n, k, mode in ((2048, 2048, 8192, 1), (9, 896, 4864, 1), (300, 576, 576, 2)):
+        tile, splits = plan.gemm_plan(m, n, k, 132, mode)
+        gx, gy, _ = tile.grid(m, n)
+        assert splits == 1 or gx * gy <= plan.GEMM_LOCKS
+        kt = plan.ceil_div(k, plan.GEMM_BK)
+        assert plan.ceil_div(kt, splits) * (splits - 1) < kt  # no empty split
 
 
 def test_attention_kernel_and_splits():

@@ -9,13 +9,15 @@ Decode steps (every item one token, all sampled) replay a CUDA graph captured pe
 bucket and block-table width; other steps (prefill chunks, mixed batches) launch the same
 kernels eagerly. Up to 8 token rows run as GEMVs (weights read once), more as tensor-core
 GEMMs. Greedy sampling is fused into the lm_head GEMV (an atomicMax argmax), so only the ids
-come back; temperature / top-k / top-p / min-p / repetition penalty / logprobs rows copy their
-logits row to the host sampler (inference_service/engine/sampler.py).
+come back; temperature / top-k / top-p / min-p / repetition penalty / logprobs rows are sampled
+on the device by one sample_rows launch for all of them (backends/cuda_sampler.py), with the
+host sampler (inference_service/engine/sampler.py) as the fallback (KUIPER_HOST_SAMPLER=1).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -24,10 +26,19 @@ from typing import Any
 import numpy as np
 
 from inference_service.backends.base import BatchItem, check_batch
+from inference_service.backends.cuda_blaslt import (
+    gemm_choice,
+    open_blaslt,
+    stream_capturing,
+    use_blaslt,
+)
 from inference_service.backends.cuda_plan import (
     ATT_THREADS,
     DEC_THREADS,
     DEC_UNROLLS,
+    GEMM_LOCKS,
+    GEMM_SWIGLU,
+    GEMM_TILES,
     GEMV_MAX_TOKENS,
     GEMV_THREADS,
     InputLayout,
@@ -40,13 +51,19 @@ from inference_service.backends.cuda_plan import (
     decode_attention_kernel,
     decode_splits,
     decode_unroll_for,
-    gemm_tile,
+    gemm_plan,
     gemv_grid,
     gemv_smem,
     kv_block_bytes,
+    prefill_attention_kernel,
+    prefill_kgroups,
+    prefill_smem,
+    prefill_threads,
+    prefill_tiles,
     resident_blocks,
     width_bucket,
 )
+from inference_service.backends.cuda_sampler import DeviceSampler, supported
 from inference_service.backends.cuda_weights import plan_arena
 from inference_service.engine.sampler import sample
 from inference_service.engine.sampling_params import SampleOutput, SamplingParams
@@ -69,8 +86,9 @@ _SIGNATURES = {
 }
 _GEMV_SIG = "PiiPiiPPfPiiPP"
 _GEMV_ROPE_SIG = _GEMV_SIG + "PPPPPiii"
-_GEMM_SIG = "PiPiiiiPiiP"
+_GEMM_SIG = "PiPiiiiPiiPP"
 _ATT_SIG = "PiPPPiPPPiPPPiiiif"
+_PF_SIG = "PiPPPiPiPiiif"  # prefill_attention_d*_k*: q, caches, tables, out, tiles, shape
 
 
 # Threads in which a backend pushed the primary context (one push per thread). PyCUDA insists
@@ -123,6 +141,7 @@ class CudaBackend:
         use_graphs: bool = True,
         use_pdl: bool = True,
         graph_buckets: tuple[int, ...] = DEFAULT_GRAPH_BUCKETS,
+        gemm: str | None = None,
     ) -> None:
         import pycuda.driver as cuda
 
@@ -148,6 +167,11 @@ class CudaBackend:
         self.kernels = load_kernels()
         self._prepare_functions()
         self.stream = cuda.Stream()
+        # Prefill GEMMs: "ours" (gemm.cu), "cublaslt" (nvmath-python's cuBLASLt bindings) or
+        # "auto" (default: cuBLASLt where cuda_blaslt.auto_prefers says, if nvmath imports);
+        # None reads $KUIPER_GEMM. Changing self.gemm later switches (the handle stays).
+        self.gemm = gemm_choice(gemm)
+        self._blaslt = open_blaslt(self.gemm, self.stream.handle)
 
         # Weights: one arena.
         entries, total = plan_arena(c, model.weights)
@@ -203,6 +227,10 @@ class CudaBackend:
         self.max_model_len = min(c.max_position_embeddings, self.num_blocks * block_size)
         self._max_width = ceil_div(self.max_model_len, block_size)
         self._alloc_workspace(max_tokens)  # input buffer sized for the real table width
+        # Non-greedy rows: the device sampler, or the host one with KUIPER_HOST_SAMPLER=1 (or
+        # device_sampling = False); built at the first such row.
+        self.device_sampling = os.environ.get("KUIPER_HOST_SAMPLER", "") != "1"
+        self._sampler: DeviceSampler | None = None
         self._att_name = attention_kernel(c.head_dim)
         self._scale = float(1.0 / np.sqrt(c.head_dim))
         # The server builds the backend in a worker thread that ends at exit: leave its
@@ -227,11 +255,18 @@ class CudaBackend:
             for name, f in self._f.items()
             if name.startswith("gemv")
         }
-        for name in ("gemm_128x128", "gemm_64x128", "gemm_64x64"):
-            self._f[name] = self.kernels.fn(name).prepare(_GEMM_SIG)
+        for tile in GEMM_TILES:
+            self._f[tile.name] = self.kernels.fn(tile.name).prepare(_GEMM_SIG)
+        self._gemm_locks = self._cuda.mem_alloc(4 * GEMM_LOCKS)  # split-K turnstiles, kept 0
+        self._cuda.memset_d32(self._gemm_locks, 0, GEMM_LOCKS)
         d = self.config.head_dim
         for name in [attention_kernel(d)] + [decode_attention_kernel(d, u) for u in DEC_UNROLLS]:
             self._f[name] = self.kernels.fn(name).prepare(_ATT_SIG)
+        self._pf_name = prefill_attention_kernel(d)  # None: no tensor-core prefill kernel
+        for kg in (2, 4):
+            name = prefill_attention_kernel(d, kg)
+            if name is not None:
+                self._f[name] = self.kernels.fn(name).prepare(_PF_SIG)
         self._sig = {name: f.arg_format for name, f in self._f.items()}
 
     def _alloc_workspace(self, tokens: int) -> None:
@@ -239,7 +274,7 @@ class CudaBackend:
         self._graphs_clear()
         self._ws = None  # free the old buffers first
         hid = c.hidden_size
-        layout = InputLayout(tokens, tokens, self.max_batch, self._max_width)
+        layout = InputLayout(tokens, tokens, self.max_batch, self._max_width, tokens)
         self._ws = _Workspace(
             tokens=tokens,
             resid=cuda.mem_alloc(tokens * hid * 4),
@@ -290,18 +325,38 @@ class CudaBackend:
             self.stream.synchronize()
             return out
         cuda = self._cuda
+        dev_rows = [r for r, p in enumerate(params) if not fast_greedy(p)]
+        sampler = self._device_sampler(params, dev_rows)
+        if sampler is not None:  # one launch for every such row, behind the forward
+            sampler.enqueue(int(self._logits), dev_rows, [params[r] for r in dev_rows],
+                            [batch[rows[r]].history for r in dev_rows],
+                            [batch[rows[r]].step for r in dev_rows], self.stream)  # fmt: skip
         keys = self._argmax_host[: len(rows)]
         cuda.memcpy_dtoh_async(keys, self._argmax, self.stream)
         self.stream.synchronize()
         ids = (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
+        sampled = dict(zip(dev_rows, sampler.finish(), strict=True)) if sampler is not None else {}
         for r, i in enumerate(rows):
             p = params[r]
             if fast_greedy(p):
                 out[i] = SampleOutput(token_id=int(ids[r]))
+            elif r in sampled:
+                out[i] = sampled[r]
             else:
                 item = batch[i]
                 out[i] = sample(self._logits_row(r), p, item.history, item.step)
         return out
+
+    def _device_sampler(self, params: list[SamplingParams], dev_rows: list[int]):
+        """The device sampler when it takes every non-greedy row of the step, else None."""
+        v = self.config.vocab_size
+        if not dev_rows or not self.device_sampling:
+            return None
+        if not all(supported(params[r], v) for r in dev_rows):
+            return None
+        if self._sampler is None:
+            self._sampler = DeviceSampler(self._cuda, self.kernels, v)
+        return self._sampler
 
     def logits(self, batch: list[BatchItem]) -> np.ndarray:
         if not batch:
@@ -361,8 +416,25 @@ class CudaBackend:
         if n_rows > self.max_batch or len(batch) > self.max_batch:
             raise ValueError(f"batch of {len(batch)} exceeds the CUDA backend's {self.max_batch}")
 
+    def _prefill_tiles(self, batch: list[BatchItem], T: int) -> list[tuple[int, int, int, int]]:
+        """Query tiles for prefill_attention_d* when this step runs it (a GEMM-path step with
+        some item of more than one token, in a supported head dim), else none: decode-only
+        steps keep paged_attention_d*, whose splits spread long contexts over the SMs."""
+        if self._pf_name is None or T <= GEMV_MAX_TOKENS:
+            return []
+        if all(len(it.token_ids) == 1 for it in batch):
+            return []
+        lengths = [len(it.token_ids) for it in batch]
+        group = self.config.num_heads // self.config.num_kv_heads
+        return prefill_tiles(lengths, [it.start_pos for it in batch], group)
+
     def _fill_inputs(
-        self, batch: list[BatchItem], rows: list[int], layout: InputLayout, pad_to: int
+        self,
+        batch: list[BatchItem],
+        rows: list[int],
+        layout: InputLayout,
+        pad_to: int,
+        tiles: list[tuple[int, int, int, int]] | None = None,
     ) -> None:
         """Pack the step's int32 inputs into the pinned buffer and copy them to the device.
         Rows past len(batch) (graph padding) run token 0 at position 0 in the scratch block."""
@@ -375,7 +447,8 @@ class CudaBackend:
         slots = h[layout.slots : layout.slots + T]
         tok_seq = h[layout.tok_seq : layout.tok_seq + T]
         out_rows = h[layout.out_rows : layout.out_rows + layout.rows]
-        bt = h[layout.block_tables : layout.total].reshape(layout.seqs, layout.width)
+        bt = h[layout.block_tables : layout.block_tables + layout.seqs * layout.width]
+        bt = bt.reshape(layout.seqs, layout.width)
         bt[:] = self.scratch_block
         t = 0
         last = []
@@ -408,6 +481,8 @@ class CudaBackend:
             t += 1
         row_tokens = [last[i] for i in rows] + last[len(batch) :]
         out_rows[: len(row_tokens)] = row_tokens
+        if tiles:
+            h[layout.prefill_tiles : layout.total] = np.asarray(tiles, np.int32).ravel()
         self._cuda.memcpy_htod_async(self._ws.inputs, h[: layout.total], self.stream)
 
     # ------------------------------------------------------------------ execution
@@ -418,8 +493,9 @@ class CudaBackend:
             self._alloc_workspace(max(T, 2 * self._ws.tokens))
         width = max(1, max(len(it.block_table) for it in batch))
         width = min(width, self._max_width)
-        layout = InputLayout(T, len(batch), len(rows), width)
-        self._fill_inputs(batch, rows, layout, pad_to=len(batch))
+        tiles = self._prefill_tiles(batch, T)
+        layout = InputLayout(T, len(batch), len(rows), width, len(tiles))
+        self._fill_inputs(batch, rows, layout, pad_to=len(batch), tiles=tiles)
         max_ctx = max(it.start_pos + len(it.token_ids) for it in batch)
         self._launch_forward(layout, max_ctx)
 
@@ -490,9 +566,31 @@ class CudaBackend:
                      *args, shared=smem)  # fmt: skip
 
     def _gemm(self, label, a, lda, W, ldw, m, n, k, c, ldc, mode, bias=0) -> None:
-        tile = gemm_tile(m, n, self.sm_count)
-        self._launch(label, tile.name, tile.grid(m, n), (tile.threads, 1, 1),
-                     a, lda, W, ldw, m, n, k, c, ldc, mode, bias, shared=tile.smem)  # fmt: skip
+        swiglu = mode == GEMM_SWIGLU  # n = output columns; W holds 2n rows (gate | up)
+        lt = self._blaslt
+        # cuBLASLt only in eager steps: captured decode graphs (9..64 rows) keep our kernels.
+        if (lt is not None and use_blaslt(self.gemm, m, n, k, mode) and not self._pdl_capture
+                and not stream_capturing(self.stream.handle)):  # fmt: skip
+            prof = self._prof
+            if prof is not None:
+                start, end = self._cuda.Event(), self._cuda.Event()
+                start.record(self.stream)
+            # SwiGLU: the plain gate|up GEMM into the gate_up buffer, then the swiglu kernel.
+            out, ldo = (int(self._ws.gate_up), 2 * n) if swiglu else (c, ldc)
+            if lt.gemm(a, lda, W, ldw, m, 2 * n if swiglu else n, k, out, ldo,
+                       0 if swiglu else mode, bias):  # fmt: skip
+                if prof is not None:
+                    end.record(self.stream)
+                    prof.append((label, start, end))
+                if swiglu:
+                    assert ldc == n, "swiglu kernel: act rows of n"
+                    self._launch("swiglu", "swiglu", (ceil_div(n // 8, 256), m, 1), (256, 1, 1),
+                                 out, c, n)  # fmt: skip
+                return
+        tile, splits = gemm_plan(m, n, k, self.sm_count, mode)
+        self._launch(label, tile.name, tile.grid(m, n, swiglu, splits), (tile.threads, 1, 1),
+                     a, lda, W, ldw, m, n, k, c, ldc, mode, bias, int(self._gemm_locks),
+                     shared=tile.smem)  # fmt: skip
 
     def _launch_forward(self, layout: InputLayout, max_ctx: int) -> None:
         """Enqueue one whole step on self.stream (also what a graph captures)."""
@@ -508,7 +606,7 @@ class CudaBackend:
         out_rows = inp + 4 * layout.out_rows
         bt = inp + 4 * layout.block_tables
         resid, xnorm, qkvb, attn = int(ws.resid), int(ws.xnorm), int(ws.qkv), int(ws.attn)
-        gate_up, act = int(ws.gate_up), int(ws.act)
+        act = int(ws.act)
         small = T <= GEMV_MAX_TOKENS
         max_splits = min(MAX_SPLITS, (PARTIAL_TOKENS * MAX_SPLITS) // T)
         if small and self.decode_unroll != 0:  # splits used per row's length, see decode_splits
@@ -542,10 +640,20 @@ class CudaBackend:
                 self._launch("rope+kv", "rope_kv_write", (T, 1, 1), (128, 1, 1), qkvb, qkv, pos,
                              slots, int(self._inv_freq), kc, vc, c.num_heads, c.num_kv_heads,
                              c.head_dim, 0)  # fmt: skip
-            self._launch("attention", att_name, (T, c.num_kv_heads, nsplit), (att_threads, 1, 1),
-                         qkvb, qkv, kc, vc, bt, layout.width, tok_seq, pos, attn, qd,
-                         int(self._part_o), int(self._part_ml), int(self._counters), c.num_heads,
-                         c.num_kv_heads, c.head_dim, self.block_size, self._scale)  # fmt: skip
+            if layout.tiles:  # tensor-core prefill attention over the step's query tiles
+                kg = prefill_kgroups(c.head_dim, layout.tiles * c.num_kv_heads, self.sm_count)
+                self._launch("attention", prefill_attention_kernel(c.head_dim, kg),
+                             (layout.tiles, c.num_kv_heads, 1), (prefill_threads(kg), 1, 1),
+                             qkvb, qkv, kc, vc, bt, layout.width, attn, qd,
+                             inp + 4 * layout.prefill_tiles, c.num_heads, c.num_kv_heads,
+                             self.block_size, self._scale,
+                             shared=prefill_smem(c.head_dim, kg))  # fmt: skip
+            else:
+                self._launch("attention", att_name, (T, c.num_kv_heads, nsplit),
+                             (att_threads, 1, 1), qkvb, qkv, kc, vc, bt, layout.width, tok_seq,
+                             pos, attn, qd, int(self._part_o), int(self._part_ml),
+                             int(self._counters), c.num_heads, c.num_kv_heads, c.head_dim,
+                             self.block_size, self._scale)  # fmt: skip
             if small:
                 self._gemv("o_proj+resid", T, w[f"L{li}.wo"], hid, qd, attn, 0, qd, 0, 0, resid,
                            1, hid)  # fmt: skip
@@ -557,10 +665,9 @@ class CudaBackend:
                 self._gemm("gemm o_proj", attn, qd, w[f"L{li}.wo"], qd, T, hid, qd, resid, hid, 1)
                 self._launch("rmsnorm", "add_rmsnorm", (T, 1, 1), (256, 1, 1), resid, 0, 0,
                              w[f"L{li}.mlp_norm"], xnorm, hid, eps)  # fmt: skip
-                self._gemm("gemm gate_up", xnorm, hid, w[f"L{li}.wgu"], hid, T, 2 * inter, hid,
-                           gate_up, 2 * inter, 0)  # fmt: skip
-                self._launch("swiglu", "swiglu", (ceil_div(inter // 8, 256), T, 1), (256, 1, 1),
-                             gate_up, act, inter)  # fmt: skip
+                # SwiGLU fused into the gate|up GEMM: act = silu(gate) * up, no gate_up buffer.
+                self._gemm("gemm gate_up", xnorm, hid, w[f"L{li}.wgu"], hid, T, inter, hid,
+                           act, inter, GEMM_SWIGLU)  # fmt: skip
                 self._gemm("gemm down", act, inter, w[f"L{li}.wd"], inter, T, hid, inter, resid,
                            hid, 1)  # fmt: skip
         # Final norm + lm_head (+ fused argmax) over the rows to sample, 8 rows per launch.
@@ -582,8 +689,9 @@ class CudaBackend:
         rows = [i for i, it in enumerate(batch) if it.sampling is not None]
         T = sum(len(it.token_ids) for it in batch)
         width = min(max(len(it.block_table) for it in batch), self._max_width)
-        layout = InputLayout(T, len(batch), len(rows), width)
-        self._fill_inputs(batch, rows, layout, pad_to=len(batch))
+        tiles = self._prefill_tiles(batch, T)
+        layout = InputLayout(T, len(batch), len(rows), width, len(tiles))
+        self._fill_inputs(batch, rows, layout, pad_to=len(batch), tiles=tiles)
         self._f["spin_wait"].prepared_async_call((1, 1, 1), (1, 1, 1), self.stream, 50_000_000)
         self._prof = []
         try:

@@ -12,11 +12,17 @@ GEMV_MAX_TOKENS = 8  # gemv_t1 .. gemv_t8
 GEMV_THREADS = 128
 # Hopper (sm_90) per-SM limits, for occupancy.
 SM_REGS, SM_SMEM, SM_MAX_BLOCKS, SM_MAX_WARPS, SMEM_PER_BLOCK_RESERVED = 65536, 233472, 32, 64, 1024
-GEMM_BK, GEMM_SKEW, GEMM_STAGES = 64, 8, 3  # gemm.cu
+GEMM_BK = 64  # gemm.cu: k per pipeline stage (a 128-byte swizzled smem row)
+GEMM_SWIGLU = 3  # gemm.cu mode: W = gate|up rows, C = silu(gate) * up
 ATT_GMAX = 8  # attention.cu: query heads per kv head
 ATT_THREADS = 256  # attention.cu: threads per block = keys per tile
 ATT_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention_d{D}
 ATT_MIN_KEYS_PER_SPLIT = 32  # a block's work is latency-bound: spread keys over SMs
+# attention_prefill.cu: one block per (query tile, kv head); its PF_BM rows are (token, query
+# head) pairs of one kv head's group; 4 row warps x KG key warps, KG in PF_KGROUPS (kernel
+# prefill_attention_d{D}_k{KG}); keys in tiles of PF_BN per warp.
+PF_BM, PF_BN = 64, 64
+PF_KGROUPS = {64: (2, 4), 128: (2,)}  # head dim -> key groups compiled (shared memory bound)
 KV_DTYPE_BYTES = 2  # bf16 cache
 # attention_decode.cuh: 8 warps per block; each lane group of D / 8 lanes keeps U keys in
 # flight (U in DEC_UNROLLS, one kernel each), so one block covers decode_chunk(D, U) keys.
@@ -76,33 +82,72 @@ def gemv_smem(tokens: int, k: int) -> int:
 
 @dataclass(frozen=True)
 class GemmTile:
+    """One gemm.cu kernel: block tile bm x bn, threads, cp.async stages, and its timing model
+    (fit to bench/prefill_gemm.py on an H100, 3 models x M in 128 / 512 / 2048): t0
+    microseconds plus a block's multiply-adds at r1 (MAC per microsecond, one block on an SM)
+    or, where an SM runs c blocks, c blocks' work at rfull; plus split_us per k split (the
+    splits take turns at the output tile)."""
+
     name: str
     bm: int
     bn: int
     threads: int
+    stages: int
+    t0: float
+    r1: float
+    rfull: float
+    split_us: float
 
     @property
     def smem(self) -> int:
-        return GEMM_STAGES * (self.bm + self.bn) * (GEMM_BK + GEMM_SKEW) * 2
+        return self.stages * (self.bm + self.bn) * GEMM_BK * 2
 
-    def grid(self, m: int, n: int) -> tuple[int, int, int]:
-        return (ceil_div(n, self.bn), ceil_div(m, self.bm), 1)
+    def grid(self, m: int, n: int, swiglu: bool = False, splits: int = 1) -> tuple[int, int, int]:
+        """(M tiles, N tiles, k splits) for n output columns (a SwiGLU block reads bn weight
+        rows for bn / 2 output columns)."""
+        return (ceil_div(m, self.bm), ceil_div(n, self.bn // 2 if swiglu else self.bn), splits)
 
 
 GEMM_TILES = (
-    GemmTile("gemm_128x128", 128, 128, 256),
-    GemmTile("gemm_64x128", 64, 128, 128),
-    GemmTile("gemm_64x64", 64, 64, 128),
+    GemmTile("gemm_128x256", 128, 256, 256, 4, 6.5, 1.83e6, 1.56e6, 6.0),
+    GemmTile("gemm_128x128", 128, 128, 128, 3, 6.7, 1.15e6, 1.37e6, 5.0),
+    GemmTile("gemm_128x128_w8", 128, 128, 256, 3, 5.7, 1.20e6, 1.21e6, 4.1),
+    GemmTile("gemm_128x64", 128, 64, 128, 4, 4.4, 0.93e6, 1.15e6, 3.6),
+    GemmTile("gemm_64x128", 64, 128, 128, 4, 4.4, 0.90e6, 1.10e6, 3.3),
+    GemmTile("gemm_64x64", 64, 64, 128, 4, 4.1, 2.06e6, 0.98e6, 2.6),
 )
+GEMM_SPLITS = (1, 2, 4, 8)  # serial split-K (modes 1 and 2): blocks per output tile
+GEMM_LOCKS = 1024  # split-K turnstiles, one int per output tile (zeroed once, kept zero)
 
 
-def gemm_tile(m: int, n: int, sm_count: int) -> GemmTile:
-    """The largest tile that still gives every SM a block; else the smallest tile."""
+def gemm_cost(tile: GemmTile, m: int, n: int, k: int, sm_count: int, swiglu: bool = False,
+              splits: int = 1) -> float:  # fmt: skip
+    """Modelled microseconds of a GEMM: the busiest SM runs c blocks (blocks spread evenly)."""
+    gx, gy, _ = tile.grid(m, n, swiglu)
+    c = ceil_div(gx * gy * splits, sm_count)
+    work = tile.bm * tile.bn * ceil_div(ceil_div(k, GEMM_BK), splits) * GEMM_BK
+    serial = tile.split_us * splits if splits > 1 else 0.0
+    return tile.t0 + max(work / tile.r1, c * work / tile.rfull) + serial
+
+
+def gemm_plan(m: int, n: int, k: int, sm_count: int, mode: int) -> tuple[GemmTile, int]:
+    """(tile, k splits) with the lowest gemm_cost; split-K only in the fp32 modes 1 and 2,
+    within the lock buffer, and never with an empty split."""
+    swiglu = mode == GEMM_SWIGLU
+    kt = ceil_div(k, GEMM_BK)
+    best: tuple[float, GemmTile, int] | None = None
     for tile in GEMM_TILES:
-        gx, gy, _ = tile.grid(m, n)
-        if gx * gy >= sm_count:
-            return tile
-    return GEMM_TILES[-1]
+        gx, gy, _ = tile.grid(m, n, swiglu)
+        for s in GEMM_SPLITS:
+            if s > 1 and (
+                mode not in (1, 2) or gx * gy > GEMM_LOCKS or ceil_div(kt, s) * (s - 1) >= kt
+            ):
+                continue
+            cost = gemm_cost(tile, m, n, k, sm_count, swiglu, s)
+            if best is None or cost < best[0]:
+                best = (cost, tile, s)
+    assert best is not None
+    return best[1], best[2]
 
 
 def attention_kernel(head_dim: int) -> str:
@@ -120,6 +165,51 @@ def attention_splits(
     want = ceil_div(2 * sm_count, tokens * kv_heads)
     by_ctx = ceil_div(max_ctx, ATT_MIN_KEYS_PER_SPLIT)
     return max(1, min(want, by_ctx, max_splits))
+
+
+def prefill_attention_kernel(head_dim: int, kgroups: int = 2) -> str | None:
+    """The tensor-core prefill attention kernel for this head dim and key-group count, or None
+    (the tiled paged_attention_d* serves the other head dims)."""
+    if kgroups not in PF_KGROUPS.get(head_dim, ()):
+        return None
+    return f"prefill_attention_d{head_dim}_k{kgroups}"
+
+
+def prefill_kgroups(head_dim: int, blocks: int, sm_count: int) -> int:
+    """Key groups for a launch of `blocks` blocks: 4 (512 threads, one block per SM, half the
+    serial key stages) while the launch has no more blocks than SMs, else 2 (two blocks per
+    SM for D = 64)."""
+    groups = PF_KGROUPS[head_dim]
+    return max(groups) if blocks <= sm_count else min(groups)
+
+
+def prefill_threads(kgroups: int) -> int:
+    return 32 * (PF_BM // 16) * kgroups
+
+
+def prefill_smem(head_dim: int, kgroups: int) -> int:
+    """Dynamic shared memory of prefill_attention_d*_k*: the Q tile + PF_STAGES stages of K and
+    V (3 where head_dim x kgroups <= 128, else 2), each kgroups tiles of PF_BN keys."""
+    stages = 3 if head_dim * kgroups <= 128 else 2
+    return (PF_BM + 2 * stages * kgroups * PF_BN) * head_dim * 2
+
+
+def prefill_tiles(
+    lengths: list[int], starts: list[int], group: int
+) -> list[tuple[int, int, int, int]]:
+    """Query tiles of prefill_attention_d*: (first row, rows, item, position of the first row),
+    rows <= PF_BM // group consecutive rows of one item (the rows of item i follow those of
+    items < i; their positions start at starts[i]). The tile with the most keys comes first:
+    it runs longest, so it should start first."""
+    per = max(1, PF_BM // group)
+    tiles: list[tuple[int, int, int, int]] = []
+    t = 0
+    for s, (n, start) in enumerate(zip(lengths, starts, strict=True)):
+        for i in range(0, n, per):
+            tiles.append((t + i, min(per, n - i), s, start + i))
+        t += n
+    tiles.sort(key=lambda x: -(x[3] + x[1]))
+    return tiles
 
 
 def decode_attention_kernel(head_dim: int, unroll: int = DEC_U) -> str:
@@ -156,12 +246,14 @@ def decode_splits(max_ctx: int, head_dim: int, max_splits: int, unroll: int = DE
 @dataclass(frozen=True)
 class InputLayout:
     """Offsets (in int32 elements) of one step's inputs packed into one buffer, so one copy
-    moves them all: ids, positions, slots, tok_seq [T]; out_rows [R]; block tables [S, W]."""
+    moves them all: ids, positions, slots, tok_seq [T]; out_rows [R]; block tables [S, W];
+    prefill attention tiles [tiles, 4] at a 16-byte boundary (none: paged_attention_d*)."""
 
     tokens: int
     seqs: int
     rows: int
     width: int
+    tiles: int = 0
 
     @property
     def ids(self) -> int:
@@ -188,8 +280,12 @@ class InputLayout:
         return 4 * self.tokens + self.rows
 
     @property
+    def prefill_tiles(self) -> int:
+        return -(-(self.block_tables + self.seqs * self.width) // 4) * 4  # int4 loads
+
+    @property
     def total(self) -> int:
-        return self.block_tables + self.seqs * self.width
+        return self.prefill_tiles + 4 * self.tiles
 
 
 def bucket_for(n: int, buckets: tuple[int, ...]) -> int | None:

@@ -254,35 +254,7 @@ def test_gemv_fused_rmsnorm_and_swiglu_pair(K, nt):
 
 
 # ---------------------------------------------------------------------------- GEMM
-
-
-@pytest.mark.parametrize("name,threads", [("gemm_128x128", 256), ("gemm_64x128", 128),
-                                          ("gemm_64x64", 128)])  # fmt: skip
-@pytest.mark.parametrize("mnk", [(1, 64, 64), (37, 100, 72), (130, 260, 200), (512, 384, 1024)])
-def test_gemm_tensor_core(K, name, threads, mnk):
-    M, N, Kd = mnk
-    from inference_service.backends.cuda_plan import GEMM_TILES
-
-    smem = next(t.smem for t in GEMM_TILES if t.name == name)
-    bm, bn = (int(s) for s in name.split("_")[1].split("x"))
-    grid = (-(-N // bn), -(-M // bm), 1)
-    rng = np.random.default_rng(M * 7 + N)
-    A, W = bf(rng.standard_normal((M, Kd))), bf(rng.standard_normal((N, Kd)))
-    bias = rng.standard_normal(N).astype(np.float32)
-    ref = unbf(A).astype(np.float64) @ unbf(W).T.astype(np.float64)
-    dA, dW = dev(K, A), dev(K, W)
-    sig = "PiPiiiiPiiP"
-    C = dev(K, nan_bf16((M, N)))
-    launch(K, name, sig, grid, (threads, 1, 1), dA, Kd, dW, Kd, M, N, Kd, C, N, 0, dev(K, bias),
-           shared=smem)  # fmt: skip
-    assert rel_err(unbf(get(K, C, (M, N), np.uint16)), ref + bias) < TOL_BF16
-    base = rng.standard_normal((M, N)).astype(np.float32)
-    C = dev(K, base)
-    launch(K, name, sig, grid, (threads, 1, 1), dA, Kd, dW, Kd, M, N, Kd, C, N, 1, 0, shared=smem)
-    assert rel_err(get(K, C, (M, N), np.float32), base + ref) < TOL_F32
-    C = dev(K, np.full((M, N), np.nan, np.float32))
-    launch(K, name, sig, grid, (threads, 1, 1), dA, Kd, dW, Kd, M, N, Kd, C, N, 2, 0, shared=smem)
-    assert rel_err(get(K, C, (M, N), np.float32), ref) < TOL_F32
+# tests/gpu/test_gemm.py
 
 
 # ---------------------------------------------------------------------------- attention
