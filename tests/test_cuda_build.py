@@ -164,6 +164,23 @@ def test_arena_layout(bias, tied):
     np.testing.assert_array_equal(by["final_norm"].build(), w["model.norm.weight"])
 
 
+def test_arena_takes_bf16_bits_for_every_tensor():
+    """A model given as bf16 bit patterns (uint16, what the GPU benchmark exports from torch):
+    norms and biases are converted from the bits, not from the integer values."""
+    c = config(attention_bias=True)
+    rng = np.random.default_rng(2)
+    w32 = {k: rng.standard_normal(s).astype(np.float32) for k, s in expected_shapes(c).items()}
+    bits = {k: to_bf16_bits(v) for k, v in w32.items()}
+    by = {e.name: e.build() for e in plan_arena(c, bits)[0]}
+    ref = {
+        e.name: e.build()
+        for e in plan_arena(c, {k: bf16_bits_to_f32(v) for k, v in bits.items()})[0]
+    }
+    for name, arr in by.items():
+        np.testing.assert_array_equal(arr, ref[name], err_msg=name)
+    np.testing.assert_allclose(by["final_norm"], w32["model.norm.weight"], rtol=2**-8)
+
+
 def test_weight_bytes_per_token_counts_matrices_and_lm_head():
     c = config()
     shapes = expected_shapes(c)

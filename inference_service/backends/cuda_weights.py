@@ -48,6 +48,9 @@ class ArenaEntry:
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
+    """float32 values of a; uint16 (and bfloat16) input is bf16 bits, as in to_bf16_bits."""
+    if a.dtype == np.uint16 or a.dtype.name == "bfloat16":
+        return bf16_bits_to_f32(np.ascontiguousarray(a).view(np.uint16))
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
