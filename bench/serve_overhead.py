@@ -59,8 +59,11 @@ def make_engine(model_path: Path, args):
     from inference_service.backends import create_backend
     from inference_service.engine.engine import Engine, EngineConfig
     from inference_service.models import load_model
+    from tokenizer_service.tokenizer import load_tokenizer
 
     backend = create_backend(load_model(model_path), args.device, num_blocks=args.num_kv_blocks)
+    # as the server does: never sample ids past the tokenizer's (padded embedding tables)
+    backend.sample_vocab = min(backend.config.vocab_size, load_tokenizer(model_path).vocab_size)
     engine = Engine(backend, EngineConfig(max_batch_size=32))
     engine.start()
     return engine

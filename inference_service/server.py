@@ -190,7 +190,9 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
         return ids, params, request.sampling.max_new_tokens
 
     def _check_prompt(self, ids: list[int], params: SamplingParams, max_new: int) -> SamplingParams:
-        vocab = self.engine.backend.config.vocab_size
+        # the tokenizer's ids once known (sample_vocab): the prompt's tail goes to the shared
+        # DecodeStream as context, where an id without text would fail every sequence
+        vocab = self.engine.backend.sample_vocab
         if not ids:
             raise _invalid("the prompt is empty (it encodes to no tokens)")
         bad = [t for t in ids if t >= vocab]
@@ -367,7 +369,9 @@ class ServerConfig:
 
 async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -> None:
     """End-of-sequence ids come from the tokenizer (eos plus e.g. <|im_end|>); keep asking
-    until it answers, the model's own eos ids serve meanwhile."""
+    until it answers, the model's own eos ids serve meanwhile. A tokenizer with fewer ids than
+    the model's embedding table (padded tables) also limits sampling to its ids: the others
+    have no text, and the tokenizer service refuses to decode them."""
     while True:
         try:
             info = await tokenizer.info(timeout_s=2.0)
@@ -379,6 +383,11 @@ async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -
         if info.eos_id is not None:
             ids.add(info.eos_id)
         engine.set_stop_ids(ids)
+        vocab = engine.backend.config.vocab_size
+        if 0 < info.vocab_size < vocab:
+            log.info("sampling limited to the tokenizer's %d ids (the model has %d)",
+                     info.vocab_size, vocab)  # fmt: skip
+            engine.backend.sample_vocab = info.vocab_size
         return
 
 
@@ -461,6 +470,9 @@ async def serve(cfg: ServerConfig) -> int:
     )
     print(f"warm-up done in {time.monotonic() - t0:.1f}s", flush=True)
     stop_ids_task = asyncio.create_task(_stop_ids_from_tokenizer(engine, tokenizer))
+    # Stop ids and the sampling limit in place before the first request when the tokenizer
+    # answers soon; a tokenizer still starting up does not hold up health (retried above).
+    await asyncio.wait({stop_ids_task}, timeout=5.0)
     await server_health.set_serving(True)
     print(
         f"inference service: {model.source} on {engine.backend.device_name}, "

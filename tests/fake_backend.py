@@ -68,6 +68,7 @@ class FakeBackend:
         step_delay_s: float = 0.0,
     ):
         self.config = fake_config(vocab_size, context, eos)
+        self.sample_vocab = vocab_size
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device_name = "fake"

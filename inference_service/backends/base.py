@@ -41,6 +41,10 @@ class Backend(Protocol):
     block_size: int  # tokens per KV block
     num_blocks: int  # blocks in the KV pool
     device_name: str  # "cpu" or "cuda:0 (NVIDIA H100 ...)"
+    # Ids >= sample_vocab are never sampled (default config.vocab_size). The server lowers it
+    # to the tokenizer's vocabulary when the embedding table is padded past it (e.g. Qwen2.5:
+    # 151936 rows, 151665 tokens): such ids have no text. Read by the engine thread each step.
+    sample_vocab: int
 
     def step(self, batch: list[BatchItem]) -> list[SampleOutput | None]:
         """Run one step; one entry per item, None where item.sampling is None."""

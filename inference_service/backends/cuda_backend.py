@@ -230,6 +230,8 @@ class CudaBackend:
         # Non-greedy rows: the device sampler, or the host one with KUIPER_HOST_SAMPLER=1 (or
         # device_sampling = False); built at the first such row.
         self.device_sampling = os.environ.get("KUIPER_HOST_SAMPLER", "") != "1"
+        # lm_head rows computed (see base.Backend.sample_vocab); the rest of a logits row is -inf.
+        self.sample_vocab = self._lm_rows = c.vocab_size
         self._sampler: DeviceSampler | None = None
         self._att_name = attention_kernel(c.head_dim)
         self._scale = float(1.0 / np.sqrt(c.head_dim))
@@ -311,6 +313,7 @@ class CudaBackend:
         if not batch:
             return []
         self._ensure_context()
+        self._apply_sample_vocab()
         self._check(batch)
         rows = [i for i, it in enumerate(batch) if it.sampling is not None]
         is_decode = len(rows) == len(batch) and all(len(it.token_ids) == 1 for it in batch)
@@ -347,6 +350,19 @@ class CudaBackend:
                 out[i] = sample(self._logits_row(r), p, item.history, item.step)
         return out
 
+    def _apply_sample_vocab(self) -> None:
+        """Make the lm_head compute rows [0, sample_vocab) (argmax and samplers then never pick
+        a higher id): new graphs, and the rest of every logits row -inf once."""
+        n, v = self.sample_vocab, self.config.vocab_size
+        if n == self._lm_rows:
+            return
+        if not 1 <= n <= v:
+            raise ValueError(f"sample_vocab must be in 1..{v}, got {n}")
+        self.stream.synchronize()
+        self._graphs_clear()
+        self._cuda.memset_d32(self._logits, 0xFF800000, self.max_batch * v)  # float -inf
+        self._lm_rows = n
+
     def _device_sampler(self, params: list[SamplingParams], dev_rows: list[int]):
         """The device sampler when it takes every non-greedy row of the step, else None."""
         v = self.config.vocab_size
@@ -362,6 +378,7 @@ class CudaBackend:
         if not batch:
             return np.zeros((0, self.config.vocab_size), np.float32)
         self._ensure_context()
+        self._apply_sample_vocab()
         self._check(batch)
         self._run_eager(batch, list(range(len(batch))))
         v = self.config.vocab_size
@@ -374,6 +391,7 @@ class CudaBackend:
         """Logits of a decode batch computed through the captured graph (tests compare it
         with the eager path)."""
         self._ensure_context()
+        self._apply_sample_vocab()
         self._check(batch)
         bucket = bucket_for(len(batch), self.graph_buckets)
         if bucket is None or any(len(it.token_ids) != 1 for it in batch):
@@ -674,7 +692,7 @@ class CudaBackend:
         logits, argmax, v = int(self._logits), int(self._argmax), c.vocab_size
         for r0 in range(0, R, GEMV_MAX_TOKENS):
             n = min(GEMV_MAX_TOKENS, R - r0)
-            self._gemv("lm_head+norm+argmax", n, w["lm_head"], v, hid, resid, 1, hid,
+            self._gemv("lm_head+norm+argmax", n, w["lm_head"], self._lm_rows, hid, resid, 1, hid,
                        out_rows + 4 * r0, w["final_norm"], logits + 4 * r0 * v, 2, v, 0,
                        argmax + 8 * r0)  # fmt: skip
 
@@ -723,7 +741,7 @@ class CudaBackend:
             self._logits_host[0], int(self._logits) + 4 * r * v, self.stream
         )
         self.stream.synchronize()
-        return np.array(self._logits_host[0])
+        return np.array(self._logits_host[0, : self._lm_rows])
 
 
 def kv_bytes_per_block(config, block_size: int) -> int:

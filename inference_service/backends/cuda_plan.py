@@ -31,9 +31,10 @@ DEC_THREADS = 32 * DEC_WARPS
 DEC_UNROLLS = (1, 2, 4, 8)
 DEC_U = 2  # default unroll of the helpers below
 # Split decode kernel unroll picked per launch from the work it covers (context x kv heads x
-# rows): few keys favour small chunks spread over more blocks, many keys fewer, fuller blocks.
-# Thresholds fit every point of the H100 / H200 sweeps in bench/README.md ("Decode attention").
-DEC_UNROLL_BY_WORK = ((1200, 1), (4096, 2), (16384, 4))  # work <= limit -> unroll; else 8
+# rows; a graph's context is its block-table width bucket, up to 2x the rows' own): few keys
+# favour small chunks spread over more blocks, many keys fewer, fuller blocks. Thresholds fit
+# the best U at all nine points of the H100 sweep in bench/README.md (decode attention table).
+DEC_UNROLL_BY_WORK = ((2400, 1), (6144, 2), (24576, 4))  # work <= limit -> unroll; else 8
 
 
 def check_supported(c: ModelConfig) -> None:

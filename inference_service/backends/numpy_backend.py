@@ -111,6 +111,7 @@ class NumpyBackend:
         self.config = c
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.sample_vocab = c.vocab_size  # see base.Backend
         w = dict(model.weights)
         self.embed = _f32(w["model.embed_tokens.weight"])
         self.lm_head = self.embed if c.tie_word_embeddings else _f32(w["lm_head.weight"])
@@ -134,14 +135,17 @@ class NumpyBackend:
         if not batch:
             return []
         logits = self._forward(batch, rows)
+        n = self.sample_vocab
         out: list[SampleOutput | None] = [None] * len(batch)
         for r, i in enumerate(rows):
             item = batch[i]
-            out[i] = sample(logits[r], item.sampling, item.history, item.step)
+            out[i] = sample(logits[r, :n], item.sampling, item.history, item.step)
         return out
 
     def logits(self, batch: list[BatchItem]) -> np.ndarray:
-        return self._forward(batch, list(range(len(batch))))
+        logits = self._forward(batch, list(range(len(batch))))
+        logits[:, self.sample_vocab :] = -np.inf  # never sampled (as the CUDA backend's)
+        return logits
 
     # ------------------------------------------------------------------ forward pass
 

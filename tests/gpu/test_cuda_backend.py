@@ -251,3 +251,29 @@ def test_backend_runs_in_an_engine_thread():
     assert got == [want]
     # the main thread still drives a backend afterwards
     assert generate(cuda_backend(model), ids, 4, list(range(4))) == want
+
+
+def test_sample_vocab_limits_the_lm_head(tiny):
+    """sample_vocab (the server sets it to the tokenizer's vocabulary): the lm_head computes only
+    those rows, the rest of the logits is -inf, greedy (graph and eager) and the samplers pick
+    below it, and raising it again restores the full logits."""
+    _, model = tiny
+    b = cuda_backend(model, 16)
+    ids = prompt(7, 12)
+    table = list(range(8))
+    full = b.logits([BatchItem(0, np.array(ids), 0, table)])[0]
+    n = max(1, int(full.argmax()))  # the limit falls just below the favourite token
+    b.sample_vocab = n
+    limited = b.logits([BatchItem(0, np.array(ids), 0, table)])[0]
+    assert np.isneginf(limited[n:]).all()
+    np.testing.assert_array_equal(limited[:n], full[:n])
+    params = [GREEDY, SamplingParams(temperature=1.3, top_p=0.95, seed=1)]
+    for p in params:  # prefill (eager) then a decode step (graph)
+        first = b.step([BatchItem(0, np.array(ids), 0, table, p, np.array(ids), 0)])[0].token_id
+        nxt = b.step([BatchItem(0, np.array([first]), len(ids), table, p, np.array(ids), 1)])
+        assert first < n and nxt[0].token_id < n
+        if p.greedy:
+            assert first == int(limited[:n].argmax())
+    b.sample_vocab = model.config.vocab_size
+    again = b.logits([BatchItem(0, np.array(ids), 0, table)])[0]
+    np.testing.assert_array_equal(again, full)
