@@ -1,4 +1,4 @@
-"""GPU benchmark: the prefill GEMMs on our kernel (cuda_kernels/gemm.cu, as gemm_plan picks it)
+"""GPU benchmark: the prefill GEMMs on our kernel (cuda_kernels/gemm.cuh, as gemm_plan picks it)
 vs cuBLASLt through nvmath-python's raw bindings (inference_service/backends/cuda_blaslt.py)
 vs torch.matmul (cuBLAS), same GPU, same run; then whole prefills (64, 128 and 512 tokens) of
 the SmolLM2-135M and Llama-3.2-1B shapes through CudaBackend with gemm="ours" / "cublaslt" /
@@ -13,7 +13,7 @@ Per GEMM: a spin kernel holds the stream while `reps` launches queue behind it (
 cost hidden, kernels back to back as in a step), events around them give the mean; the median
 over 5 such trials is printed, after a warm-up. Weights rotate over enough copies to exceed
 the 50 MB L2 (in a real forward a layer's weights come from HBM). The gate_up row: ours is the
-fused SwiGLU mode (act = silu(gate) * up, gemm.cu mode 3); cuBLASLt is the plain gate|up GEMM
+fused SwiGLU mode (act = silu(gate) * up, gemm.cuh mode 3); cuBLASLt is the plain gate|up GEMM
 plus our swiglu kernel (what the backend runs); torch the plain gate|up GEMM alone. "host" is
 the host time per enqueue (Python + driver/library), which bounds small GEMMs in eager steps.
 Needs pycuda, torch, nvmath-python (and transformers for the whole-prefill part)."""
@@ -40,7 +40,7 @@ TRIALS = 5
 
 
 def shapes(model: str) -> list[tuple[str, int, int, int]]:
-    """(name, N output columns, K, mode) of one layer's prefill GEMMs (modes as in gemm.cu)."""
+    """(name, N output columns, K, mode) of one layer's prefill GEMMs (modes as in gemm.cuh)."""
     _, hid, inter, h, kvh, d, _ = MODELS[model]
     return [("qkv", (h + 2 * kvh) * d, hid, 0), ("o_proj", hid, h * d, 1),
             ("gate_up", inter, hid, 3), ("down", hid, inter, 1)]  # fmt: skip

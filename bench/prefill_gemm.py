@@ -1,4 +1,4 @@
-"""GPU benchmark: every tile of our prefill GEMM (cuda_kernels/gemm.cu, cuda_plan.GEMM_TILES)
+"""GPU benchmark: every tile of our prefill GEMM (cuda_kernels/gemm.cuh, cuda_plan.GEMM_TILES)
 next to torch.matmul (cuBLAS) on the prefill GEMMs of three model shapes, same GPU, same run.
 This is how cuda_plan.gemm_plan() is calibrated: the table marks the (tile, k splits) it picks
 (*) and the fastest one (+); split-K runs only in the fp32 modes (o_proj, down).
@@ -29,7 +29,7 @@ TRIALS = 5
 
 
 def shapes(model: str) -> list[tuple[str, int, int, int]]:
-    """(name, N output columns, K, mode) of one layer's prefill GEMMs (mode as in gemm.cu)."""
+    """(name, N output columns, K, mode) of one layer's prefill GEMMs (mode as in gemm.cuh)."""
     _, hid, inter, h, kvh, d = MODELS[model]
     return [
         ("qkv", (h + 2 * kvh) * d, hid, 0),

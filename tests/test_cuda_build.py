@@ -72,7 +72,9 @@ def test_kernel_names_the_backend_launches_exist(built):
         plan.decode_attention_kernel(d, u) for d in plan.ATT_HEAD_DIMS for u in plan.DEC_UNROLLS
     ]
     names += [f"gemv_qkv_rope_t{t}" for t in range(1, 9)]
-    for n in names:
+    names += [plan.prefill_attention_kernel(d, kg) for d in (64, 128) for kg in (2, 4)]
+    names += ["sample_rows", "argmax_finish", "spin_wait"]
+    for n in [n for n in names if n is not None]:
         assert n.encode() + b"\x00" in text, n
 
 
@@ -226,7 +228,7 @@ def test_gemm_plan():
     assert t.grid(130, 260, swiglu=True, splits=1) == (plan.ceil_div(130, t.bm), half, 1)
     assert t.grid(130, 260, splits=4)[2] == 4
     assert plan.GEMM_TILES[0].smem == 4 * (128 + 256) * 64 * 2
-    for tile in plan.GEMM_TILES:  # gemm.cu's 64-wide k stages fit the opt-in shared memory
+    for tile in plan.GEMM_TILES:  # gemm.cuh's 64-wide k stages fit the opt-in shared memory
         assert tile.smem <= 200 * 1024
     for m, n, k, mode in ((2048, 2048, 8192, 1), (9, 896, 4864, 1), (300, 576, 576, 2)):
         tile, splits = plan.gemm_plan(m, n, k, 132, mode)

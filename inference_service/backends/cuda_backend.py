@@ -167,7 +167,7 @@ class CudaBackend:
         self.kernels = load_kernels()
         self._prepare_functions()
         self.stream = cuda.Stream()
-        # Prefill GEMMs: "ours" (gemm.cu), "cublaslt" (nvmath-python's cuBLASLt bindings) or
+        # Prefill GEMMs: "ours" (gemm.cuh), "cublaslt" (nvmath-python's cuBLASLt bindings) or
         # "auto" (default: cuBLASLt where cuda_blaslt.auto_prefers says, if nvmath imports);
         # None reads $KUIPER_GEMM. Changing self.gemm later switches (the handle stays).
         self.gemm = gemm_choice(gemm)

@@ -1,9 +1,9 @@
 """Optional cuBLASLt path for the prefill GEMMs, through nvmath-python's raw cuBLASLt bindings
 (`nvmath.bindings.cublasLt`: plain C calls on integer handles and device pointers, no array
-library). Our tensor-core GEMM (cuda_kernels/gemm.cu) stays the path with no extra dependency;
+library). Our tensor-core GEMM (cuda_kernels/gemm.cuh) stays the path with no extra dependency;
 CudaBackend(gemm=...) / $KUIPER_GEMM choose (see `auto_prefers` for the automatic rule).
 
-Same contract as gemm.cu's modes: C[M, N] (op)= A[M, K] . W[N, K]^T, A bf16 row-major (lda),
+Same contract as gemm.cuh's modes: C[M, N] (op)= A[M, K] . W[N, K]^T, A bf16 row-major (lda),
 W the bf16 HF [out, in] weight row-major (ldw), fp32 accumulation;
   mode 0: C bf16 = acc + bias[n] (fp32 bias, may be null); 1: C fp32 += acc; 2: C fp32 = acc.
 
@@ -55,7 +55,7 @@ NVMATH_HINT = "pip install 'nvmath-python>=1.0' (or the project's cuda extra)"
 # Captured decode graphs (9..64 rows) always keep our kernels (see CudaBackend._gemm).
 AUTO_MIN_M = 64
 AUTO_SWIGLU_MIN_M, AUTO_SWIGLU_MIN_FLOP = 128, 1.5e9
-SWIGLU_MODE = 3  # gemm.cu's fused SwiGLU mode (cuda_plan.GEMM_SWIGLU)
+SWIGLU_MODE = 3  # gemm.cuh's fused SwiGLU mode (cuda_plan.GEMM_SWIGLU)
 
 
 def auto_prefers(m: int, n: int, k: int, mode: int) -> bool:

@@ -12,8 +12,8 @@ GEMV_MAX_TOKENS = 8  # gemv_t1 .. gemv_t8
 GEMV_THREADS = 128
 # Hopper (sm_90) per-SM limits, for occupancy.
 SM_REGS, SM_SMEM, SM_MAX_BLOCKS, SM_MAX_WARPS, SMEM_PER_BLOCK_RESERVED = 65536, 233472, 32, 64, 1024
-GEMM_BK = 64  # gemm.cu: k per pipeline stage (a 128-byte swizzled smem row)
-GEMM_SWIGLU = 3  # gemm.cu mode: W = gate|up rows, C = silu(gate) * up
+GEMM_BK = 64  # gemm.cuh: k per pipeline stage (a 128-byte swizzled smem row)
+GEMM_SWIGLU = 3  # gemm.cuh mode: W = gate|up rows, C = silu(gate) * up
 ATT_GMAX = 8  # attention.cu: query heads per kv head
 ATT_THREADS = 256  # attention.cu: threads per block = keys per tile
 ATT_HEAD_DIMS = (16, 32, 64, 128, 256)  # paged_attention_d{D}
@@ -83,7 +83,7 @@ def gemv_smem(tokens: int, k: int) -> int:
 
 @dataclass(frozen=True)
 class GemmTile:
-    """One gemm.cu kernel: block tile bm x bn, threads, cp.async stages, and its timing model
+    """One gemm.cuh kernel: block tile bm x bn, threads, cp.async stages, and its timing model
     (fit to bench/prefill_gemm.py on an H100, 3 models x M in 128 / 512 / 2048): t0
     microseconds plus a block's multiply-adds at r1 (MAC per microsecond, one block on an SM)
     or, where an SM runs c blocks, c blocks' work at rfull; plus split_us per k split (the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from inference_service.backends.cuda_weights import bf16_bits_to_f32, to_bf16_bits
@@ -17,3 +19,21 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     ref = np.asarray(ref, np.float64)
     assert np.isfinite(got).all(), "non-finite output"
     return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+@contextmanager
+def kernel_context():
+    """The device's primary context pushed in this thread, and every kernel compiled and
+    loaded: yields (pycuda.driver, cuda_kernels.Kernels); pops the context after."""
+    import pycuda.driver as cuda
+
+    from cuda_kernels import load_kernels
+
+    cuda.init()
+    ctx = cuda.Device(0).retain_primary_context()
+    ctx.push()
+    try:
+        yield cuda, load_kernels()
+        cuda.Context.synchronize()
+    finally:
+        ctx.pop()

@@ -1,5 +1,5 @@
 """The optional cuBLASLt GEMM path (inference_service/backends/cuda_blaslt.py, nvmath-python's
-raw bindings): every mode of gemm.cu's contract against a float64 numpy product of the bf16
+raw bindings): every mode of gemm.cuh's contract against a float64 numpy product of the bf16
 operands, on fresh random data with odd M / N / K (K a multiple of 8), leading dimensions
 larger than K / N, poisoned outputs and a margin of C that must stay untouched; repeat runs
 bitwise equal (determinism); no heuristic query after a shape's first call; and whole tiny

@@ -28,21 +28,6 @@ LP_TOL = 1e-4
 BOUNDARY_SHARE = 0.05  # of sampled rows that may differ at a float boundary
 
 
-@pytest.fixture(scope="module")
-def K():
-    import pycuda.driver as cuda
-
-    from cuda_kernels import load_kernels
-
-    cuda.init()
-    ctx = cuda.Device(0).retain_primary_context()
-    ctx.push()
-    kernels = load_kernels()
-    yield cuda, kernels
-    cuda.Context.synchronize()
-    ctx.pop()
-
-
 class Rig:
     """A DeviceSampler for one vocab and a logits buffer to upload rows into."""
 

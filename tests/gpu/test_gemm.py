@@ -1,4 +1,4 @@
-"""The prefill GEMM kernels (cuda_kernels/gemm.cu), every tile of cuda_plan.GEMM_TILES, every
+"""The prefill GEMM kernels (cuda_kernels/gemm.cuh), every tile of cuda_plan.GEMM_TILES, every
 mode and serial split-K, against a float64 numpy product of the bf16 operands, on fresh random data with odd
 M / N / K (K a multiple of 8, the kernels' contract). Tolerances (relative L2 error): fp32
 outputs 2e-3 (fp32 summation order), bf16 outputs 6e-3 (plus one bf16 rounding), SwiGLU 8e-3
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernel_util import bf16_round, rel_err
+from kernel_util import bf16_round, kernel_context, rel_err
 
 from inference_service.backends.cuda_plan import (
     GEMM_LOCKS,
@@ -33,19 +33,10 @@ SHAPES = [(1, 64, 64), (37, 100, 72), (130, 260, 200), (129, 391, 8), (257, 250,
 
 @pytest.fixture(scope="module")
 def K():
-    import pycuda.driver as cuda
-
-    from cuda_kernels import load_kernels
-
-    cuda.init()
-    ctx = cuda.Device(0).retain_primary_context()
-    ctx.push()
-    kernels = load_kernels()
-    locks = cuda.to_device(np.zeros(GEMM_LOCKS, np.int32))
-    yield cuda, kernels, locks
-    assert (cuda.from_device(locks, (GEMM_LOCKS,), np.int32) == 0).all(), "a lock left set"
-    cuda.Context.synchronize()
-    ctx.pop()
+    with kernel_context() as (cuda, kernels):
+        locks = cuda.to_device(np.zeros(GEMM_LOCKS, np.int32))
+        yield cuda, kernels, locks
+        assert (cuda.from_device(locks, (GEMM_LOCKS,), np.int32) == 0).all(), "a lock left set"
 
 
 def bf(a: np.ndarray) -> np.ndarray:

@@ -19,21 +19,6 @@ pytestmark = pytest.mark.gpu
 TOL_F32, TOL_BF16 = 2e-3, 6e-3
 
 
-@pytest.fixture(scope="module")
-def K():
-    import pycuda.driver as cuda
-
-    from cuda_kernels import load_kernels
-
-    cuda.init()
-    ctx = cuda.Device(0).retain_primary_context()
-    ctx.push()
-    kernels = load_kernels()
-    yield cuda, kernels
-    cuda.Context.synchronize()
-    ctx.pop()
-
-
 def launch(K, name, sig, grid, block, *args, shared=0):
     cuda, kernels = K
     f = kernels.fn(name)

@@ -33,21 +33,6 @@ ITEMS = [(0, 200), (37, 1), (0, 17), (100, 64), (3, 65), (250, 63), (0, 1), (129
 SHAPES = [(32, 8, 64), (9, 3, 64), (14, 2, 64), (8, 1, 128), (4, 4, 128)]
 
 
-@pytest.fixture(scope="module")
-def K():
-    import pycuda.driver as cuda
-
-    from cuda_kernels import load_kernels
-
-    cuda.init()
-    ctx = cuda.Device(0).retain_primary_context()
-    ctx.push()
-    kernels = load_kernels()
-    yield cuda, kernels
-    cuda.Context.synchronize()
-    ctx.pop()
-
-
 def bf(a: np.ndarray) -> np.ndarray:
     return to_bf16_bits(np.asarray(a, np.float32))
 

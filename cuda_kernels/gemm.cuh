@@ -26,6 +26,7 @@
 // additions is fixed, so results are deterministic. Blocks start in linear order (z slowest),
 // so a block only ever waits on a block that started before it: no deadlock.
 // Dynamic shared memory: STAGES * (BM + BN) * 64 * 2 bytes (cuda_plan.GemmTile.smem).
+#pragma once
 #include "common.cuh"
 
 #define GEMM_BK 64
@@ -340,10 +341,3 @@ __device__ __forceinline__ void gemm_impl(const bf16* __restrict__ A, int lda,
     extern "C" __global__ void __launch_bounds__(WM * WN * 32, MINB) NAME(GEMM_ARGS) { \
         gemm_impl<BM, BN, WM, WN, ST>(GEMM_PASS);                                     \
     }
-
-GEMM_KERNEL(gemm_128x256, 128, 256, 2, 4, 4, 1)
-GEMM_KERNEL(gemm_128x128, 128, 128, 2, 2, 3, 2)
-GEMM_KERNEL(gemm_128x128_w8, 128, 128, 2, 4, 3, 2)
-GEMM_KERNEL(gemm_128x64, 128, 64, 2, 2, 4, 2)
-GEMM_KERNEL(gemm_64x128, 64, 128, 2, 2, 4, 2)
-GEMM_KERNEL(gemm_64x64, 64, 64, 2, 2, 4, 3)
