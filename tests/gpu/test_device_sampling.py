@@ -17,12 +17,20 @@ import time
 
 import numpy as np
 import pytest
+from kernel_util import kernel_context
 
 import inference_service.engine.sampler as host_sampler
 from inference_service.engine.sampler import apply_repetition_penalty, sample, uniform_for
 from inference_service.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def K():
+    with kernel_context() as k:
+        yield k
+
 
 LP_TOL = 1e-4
 BOUNDARY_SHARE = 0.05  # of sampled rows that may differ at a float boundary

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernel_util import bf16_round, rel_err
+from kernel_util import bf16_round, kernel_context, rel_err
 
 from inference_service.backends.cuda_weights import bf16_bits_to_f32, to_bf16_bits
 
 pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def K():
+    with kernel_context() as k:
+        yield k
+
 
 TOL_F32, TOL_BF16 = 2e-3, 6e-3
 

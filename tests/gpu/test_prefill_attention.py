@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernel_util import rel_err
+from kernel_util import kernel_context, rel_err
 
 from inference_service.backends.cuda_plan import (
     PF_BM,
@@ -31,6 +31,12 @@ SIG = "PiPPPiPiPiiif"
 ITEMS = [(0, 200), (37, 1), (0, 17), (100, 64), (3, 65), (250, 63), (0, 1), (129, 1), (64, 64),
          (5, 2), (0, 64), (511, 1)]  # fmt: skip
 SHAPES = [(32, 8, 64), (9, 3, 64), (14, 2, 64), (8, 1, 128), (4, 4, 128)]
+
+
+@pytest.fixture(scope="module")
+def K():
+    with kernel_context() as k:
+        yield k
 
 
 def bf(a: np.ndarray) -> np.ndarray:
