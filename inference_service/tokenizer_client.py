@@ -160,12 +160,27 @@ class DecodeStreamMux:
 
     def _error(self, exc: BaseException) -> Exception:
         if isinstance(exc, grpc.aio.AioRpcError):
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                return self.client.unavailable(f"DecodeStream: {exc.details()}")
-            return TokenizerRequestError(exc.code(), exc.details() or exc.code().name)
+            return self._status_error(exc.code(), exc.details())
         if isinstance(exc, TokenizerUnavailableError | TokenizerRequestError):
             return exc
         return self.client.unavailable(f"DecodeStream: {type(exc).__name__} {exc}".strip())
+
+    def _status_error(self, code: grpc.StatusCode, details: str | None) -> Exception:
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            return self.client.unavailable(f"DecodeStream: {details}")
+        return TokenizerRequestError(code, details or code.name)
+
+    async def _write_error(self, call: grpc.aio.StreamStreamCall, exc: BaseException) -> Exception:
+        """The error for a failed write. A write into a stream the tokenizer service has just
+        ended fails with a bare "Internal error from Core"; the call's own status says why
+        (e.g. INVALID_ARGUMENT naming the id it could not decode)."""
+        if isinstance(exc, grpc.aio.AioRpcError):
+            with contextlib.suppress(Exception):  # no status within a second: the write's error
+                async with asyncio.timeout(1.0):
+                    code, details = await call.code(), await call.details()
+                if code != grpc.StatusCode.OK:
+                    return self._status_error(code, details)
+        return self._error(exc)
 
     def reset(self, error: Exception | None = None) -> None:
         """Drop the stream; fail every response still awaited."""
@@ -216,7 +231,7 @@ class DecodeStreamMux:
                 async with asyncio.timeout(self.client.timeout_s):
                     await call.write(tpb.DecodeStreamRequest(sequences=sequences))
             except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
-                error = self._error(exc)
+                error = await self._write_error(call, exc)
                 if call is self._call:
                     self.reset(error)
                 if not fut.done():
