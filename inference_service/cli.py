@@ -70,6 +70,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt == "-":
         # `echo PROMPT | kuiper generate -`: echo's newline is not part of the prompt
         args.prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    unused = unused_flags(args)
+    if unused:
+        path = "the served path (without --local)" if args.local else "--local"
+        print(f"kuiper generate: ignoring {', '.join(unused)}: only {path} uses them",
+              file=sys.stderr)  # fmt: skip
     if not args.local:
         try:
             from kuiper_client.commands import generate_remote
@@ -79,6 +84,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
         return int(generate_remote(args) or 0)
     return generate_local(args)
+
+
+def unused_flags(args: argparse.Namespace) -> list[str]:
+    """Flags given on the command line that the chosen path does not use."""
+    if args.local:
+        given = [("--address", args.address != DEFAULT_ADDRESS), ("--timeout", args.timeout is not None),
+                 ("--tls", args.tls), ("--tls-ca", args.tls_ca is not None)]  # fmt: skip
+    else:
+        given = [("--model", args.model is not None), ("--device", args.device != "auto")]
+    return [flag for flag, set_ in given if set_]
 
 
 def generate_local(args: argparse.Namespace) -> int:

@@ -200,6 +200,29 @@ def test_cli_bad_model_is_one_clear_line(tmp_path, subprocess_env):
         assert len(lines) == 1 and str(model.name) in lines[0], proc.stderr
 
 
+def test_cli_names_flags_the_path_ignores(capsys):
+    """--local runs in-process: the served path's flags would do nothing, and the reverse."""
+    from inference_service.cli import unused_flags
+
+    def parse(*argv: str):
+        import argparse
+
+        from inference_service.cli import register
+
+        parser = argparse.ArgumentParser()
+        register(parser.add_subparsers())
+        return parser.parse_args(["generate", *argv, "hi"])
+
+    assert unused_flags(parse("--local", "--timeout", "5", "--tls")) == ["--timeout", "--tls"]
+    assert unused_flags(parse("--local", "--model", "m.gguf", "--device", "cpu")) == []
+    assert unused_flags(parse("--model", "m.gguf", "--device", "cpu")) == ["--model", "--device"]
+    assert unused_flags(parse("--address", "h:1", "--timeout", "5")) == []
+    # said once on stderr, before the run (here: a refused parameter, so nothing loads)
+    assert kuiper_main(["generate", "--local", "--timeout", "5", "--top-p", "0", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "ignoring --timeout: only the served path (without --local) uses them" in err
+
+
 def test_cli_bad_parameter(tmp_path, capsys):
     assert kuiper_main(["generate", "--local", "--top-p", "0", "hi"]) == 2
     assert "top_p" in capsys.readouterr().err
