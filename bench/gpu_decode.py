@@ -13,6 +13,7 @@ import gc
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -154,6 +155,27 @@ def run_decode(backend, prompt: list[int], steps: int, table: list[int]) -> tupl
     return toks, time.perf_counter() - t0
 
 
+def step_seconds(backend, item: BatchItem, reps: int = 5) -> float:
+    """Median wall time of `reps` steps of item through backend.step(), after one warm-up."""
+    times = []
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        backend.step([item])
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@contextmanager
+def gemm_set_to(backend, choice: str):
+    """backend.gemm = choice inside the block, restored after."""
+    saved, backend.gemm = backend.gemm, choice
+    try:
+        yield
+    finally:
+        backend.gemm = saved
+
+
 def bench_model(key: str, steps: int, bw: float) -> Result:
     import torch
 
@@ -185,31 +207,13 @@ def bench_model(key: str, steps: int, bw: float) -> Result:
     prof_decode = summarize(backend.profile_step([last]))
 
     long_prompt = rng.integers(0, cfg.vocab_size, 512).tolist()
-    ptimes = []
-    for i in range(6):
-        item = BatchItem(1, np.array(long_prompt, np.int32), 0, list(range(64, 96)), GREEDY)
-        t0 = time.perf_counter()
-        backend.step([item])
-        if i:
-            ptimes.append(time.perf_counter() - t0)
-    prefill = 512 / statistics.median(ptimes)
-    prefill_ours = prefill
-    if backend.gemm != "ours":  # the default may use cuBLASLt: time our own GEMMs too
-        choice, backend.gemm = backend.gemm, "ours"
-        item = BatchItem(1, np.array(long_prompt, np.int32), 0, list(range(64, 96)), GREEDY)
-        ptimes = []
-        for i in range(6):
-            t0 = time.perf_counter()
-            backend.step([item])
-            if i:
-                ptimes.append(time.perf_counter() - t0)
-        prefill_ours = 512 / statistics.median(ptimes)
-        backend.gemm = choice
     item = BatchItem(1, np.array(long_prompt, np.int32), 0, list(range(64, 96)), GREEDY)
+    prefill = 512 / step_seconds(backend, item)
     prof_prefill = summarize(backend.profile_step([item]))
-    choice, backend.gemm = backend.gemm, "ours"  # the GEMM table compares our kernels
-    gemms = gemm_vs_torch(cfg, summarize(backend.profile_step([item])), 512)
-    backend.gemm = choice
+    # the default may use cuBLASLt: time our own GEMMs too; the GEMM table compares ours
+    with gemm_set_to(backend, "ours"):
+        prefill_ours = 512 / step_seconds(backend, item)
+        gemms = gemm_vs_torch(cfg, summarize(backend.profile_step([item])), 512)
     att = attention_kernels(backend, toks[-1], len(prompt) + steps)
 
     # HF transformers bf16, same GPU, same weights.

@@ -202,7 +202,15 @@ def whole_prefill(key: str, tokens_list: list[int]) -> list[dict]:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_decode import GREEDY, SHAPES, hf_model, model_config, summarize, weights_from_hf
+    from gpu_decode import (
+        GREEDY,
+        SHAPES,
+        hf_model,
+        model_config,
+        step_seconds,
+        summarize,
+        weights_from_hf,
+    )
 
     from inference_service.backends.base import BatchItem
     from inference_service.backends.cuda_backend import CudaBackend
@@ -230,13 +238,7 @@ def whole_prefill(key: str, tokens_list: list[int]) -> list[dict]:
         choices = ("ours", "cublaslt", "auto")
         for choice in choices + choices:  # warm-up, then measure
             backend.gemm = choice
-            times = []
-            for i in range(7):
-                t0 = time.perf_counter()
-                backend.step([item])
-                if i:
-                    times.append(time.perf_counter() - t0)
-            ms = statistics.median(times) * 1e3
+            ms = step_seconds(backend, item, reps=6) * 1e3
             prof = summarize(backend.profile_step([item]))
             # logits() of an item without sampling params: greedy rows keep only the argmax
             got = backend.logits([BatchItem(1, item.token_ids, 0, item.block_table)])[0]
