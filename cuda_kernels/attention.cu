@@ -8,7 +8,7 @@
 // each split writes a partial (o, m, l); the last split block to finish (atomic counter per
 // (token, kv head), reset after use) merges them, so no second launch is needed.
 #include "common.cuh"
-#include "split_merge.cuh"
+#include "attention_common.cuh"
 
 #define ATT_THREADS 256
 #define ATT_TILE 256  // keys per tile = threads
@@ -205,21 +205,10 @@ __device__ __forceinline__ void attention_impl(
                                 part_ml, counters, out, out_stride);
 }
 
-#define ATT_ARGS                                                                                 \
-    const bf16 *__restrict__ q, int q_stride, const bf16 *__restrict__ k_cache,                 \
-        const bf16 *__restrict__ v_cache, const int *__restrict__ block_tables, int bt_stride,  \
-        const int *__restrict__ tok_seq, const int *__restrict__ positions,                     \
-        bf16 *__restrict__ out, int out_stride, float *__restrict__ part_o,                     \
-        float *__restrict__ part_ml, int *__restrict__ counters, int H, int KVH, int D,         \
-        int block_size, float scale
-#define ATT_PASS                                                                             \
-    q, q_stride, k_cache, v_cache, block_tables, bt_stride, tok_seq, positions, out,         \
-        out_stride, part_o, part_ml, counters, H, KVH, block_size, scale
-
 // One kernel per head dim (the D argument is kept for a uniform signature).
 #define ATT_INST(DIM)                                                                   \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_d##DIM(ATT_ARGS) { \
-        attention_impl<DIM>(ATT_PASS);                                                  \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) paged_attention_d##DIM(ATTN_ARGS) { \
+        attention_impl<DIM>(ATTN_PASS);                                                  \
     }
 ATT_INST(16)
 ATT_INST(32)

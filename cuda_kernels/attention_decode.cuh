@@ -24,7 +24,7 @@
 //    merges them.
 #pragma once
 #include "common.cuh"
-#include "split_merge.cuh"
+#include "attention_common.cuh"
 
 #define DEC_THREADS 256
 #define DEC_WARPS 8
@@ -204,22 +204,11 @@ __device__ __forceinline__ void decode_attention_impl(
                                 part_o, part_ml, counters, out, out_stride);
 }
 
-#define DEC_ARGS                                                                                 \
-    const bf16 *__restrict__ q, int q_stride, const bf16 *__restrict__ k_cache,                 \
-        const bf16 *__restrict__ v_cache, const int *__restrict__ block_tables, int bt_stride,  \
-        const int *__restrict__ tok_seq, const int *__restrict__ positions,                     \
-        bf16 *__restrict__ out, int out_stride, float *__restrict__ part_o,                     \
-        float *__restrict__ part_ml, int *__restrict__ counters, int H, int KVH, int D,         \
-        int block_size, float scale
-#define DEC_PASS                                                                             \
-    q, q_stride, k_cache, v_cache, block_tables, bt_stride, tok_seq, positions, out,         \
-        out_stride, part_o, part_ml, counters, H, KVH, block_size, scale
-
 // paged_decode_d{D}_u{U}: same signature as paged_attention_d* (D kept for uniformity).
 #define DEC_INST(DIM, UNROLL)                                                                \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS, 1)                             \
-        paged_decode_d##DIM##_u##UNROLL(DEC_ARGS) {                                          \
-        decode_attention_impl<DIM, UNROLL>(DEC_PASS);                                        \
+        paged_decode_d##DIM##_u##UNROLL(ATTN_ARGS) {                                          \
+        decode_attention_impl<DIM, UNROLL>(ATTN_PASS);                                        \
     }
 #define DEC_INST_ALL_D(UNROLL) \
     DEC_INST(16, UNROLL)       \

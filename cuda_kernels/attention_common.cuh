@@ -1,4 +1,7 @@
-// Flash-decoding epilogue shared by the attention kernels (attention.cu, attention_decode.cuh).
+// What the paged attention kernels (attention.cu, attention_decode.cuh) share: their launch
+// signature (cuda_backend._ATT_SIG) and the flash-decoding epilogue.
+//
+// Epilogue:
 // A split block of (token row t, kv head kvh) publishes its partial for the G query heads of
 // that kv head: unnormalized o [G][D] (osum, shared memory), running max m and sum l per head;
 // the last of the `used` split blocks to finish (atomic counter per (t, kvh), reset after use
@@ -6,6 +9,19 @@
 // [t][head][stride][...] with stride >= used. Every thread of the block must call it.
 #pragma once
 #include "common.cuh"
+
+// One signature for paged_attention_d* and paged_decode_d*_u*, so the backend launches either
+// with the same arguments (D is kept for uniformity: each kernel is compiled for one head dim).
+#define ATTN_ARGS                                                                                \
+    const bf16 *__restrict__ q, int q_stride, const bf16 *__restrict__ k_cache,                 \
+        const bf16 *__restrict__ v_cache, const int *__restrict__ block_tables, int bt_stride,  \
+        const int *__restrict__ tok_seq, const int *__restrict__ positions,                     \
+        bf16 *__restrict__ out, int out_stride, float *__restrict__ part_o,                     \
+        float *__restrict__ part_ml, int *__restrict__ counters, int H, int KVH, int D,         \
+        int block_size, float scale
+#define ATTN_PASS                                                                            \
+    q, q_stride, k_cache, v_cache, block_tables, bt_stride, tok_seq, positions, out,         \
+        out_stride, part_o, part_ml, counters, H, KVH, block_size, scale
 
 template <int D, typename SumOf>
 __device__ __forceinline__ void publish_and_merge_splits(
