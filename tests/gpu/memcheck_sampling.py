@@ -1,5 +1,5 @@
 """Run sample_rows on a few rows (vector and scalar load paths, every feature) for
-compute-sanitizer (test_device_sampling.py::test_sample_rows_is_memcheck_clean)."""
+compute-sanitizer (test_memcheck.py::test_is_memcheck_clean)."""
 
 from __future__ import annotations
 
