@@ -252,7 +252,7 @@ def test_attention_kernel_and_splits():
 def test_decode_attention_chunks_and_splits():
     assert plan.decode_attention_kernel(64, 2) == "paged_decode_d64_u2"
     with pytest.raises(ValueError):
-        plan.decode_attention_kernel(80)
+        plan.decode_attention_kernel(80, 2)
     with pytest.raises(ValueError):
         plan.decode_attention_kernel(64, 3)
     # 8 warps x (32 lanes / (D/8) lanes per key) x U keys per lane group in flight

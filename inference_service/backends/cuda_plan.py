@@ -29,7 +29,6 @@ KV_DTYPE_BYTES = 2  # bf16 cache
 DEC_WARPS = 8
 DEC_THREADS = 32 * DEC_WARPS
 DEC_UNROLLS = (1, 2, 4, 8)
-DEC_U = 2  # default unroll of the helpers below
 # Split decode kernel unroll picked per launch from the work it covers (context x kv heads x
 # rows; a graph's context is its block-table width bucket, up to 2x the rows' own): few keys
 # favour small chunks spread over more blocks, many keys fewer, fuller blocks. Thresholds fit
@@ -213,7 +212,7 @@ def prefill_tiles(
     return tiles
 
 
-def decode_attention_kernel(head_dim: int, unroll: int = DEC_U) -> str:
+def decode_attention_kernel(head_dim: int, unroll: int) -> str:
     """The decode (<= GEMV_MAX_TOKENS rows) attention kernel for this head dim and unroll."""
     if head_dim not in ATT_HEAD_DIMS:
         raise ValueError(f"no attention kernel for head_dim {head_dim} (have {ATT_HEAD_DIMS})")
@@ -231,12 +230,12 @@ def decode_unroll_for(max_ctx: int, kv_heads: int, rows: int) -> int:
     return DEC_UNROLLS[-1]
 
 
-def decode_chunk(head_dim: int, unroll: int = DEC_U) -> int:
+def decode_chunk(head_dim: int, unroll: int) -> int:
     """Keys one paged_decode block loads in one round trip: warps x keys per warp x unroll."""
     return DEC_WARPS * (32 // (head_dim // 8)) * unroll
 
 
-def decode_splits(max_ctx: int, head_dim: int, max_splits: int, unroll: int = DEC_U) -> int:
+def decode_splits(max_ctx: int, head_dim: int, max_splits: int, unroll: int) -> int:
     """Split blocks launched per (row, kv head) for contexts up to max_ctx: one per chunk of
     keys, capped by the partials buffer. The kernel uses only ceil(ctx / chunk) of them for a
     shorter row (the others exit at once), so a graph captured for its bucket's longest context
