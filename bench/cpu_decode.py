@@ -25,8 +25,8 @@ import numpy as np
 class Ours:
     def __init__(self, model_path, prompt: list[int]) -> None:
         from inference_service.backends.numpy_backend import NumpyBackend
-        from inference_service.engine.sampling_params import SamplingParams
         from inference_service.models import load_model
+        from inference_service.sampling.params import SamplingParams
 
         t0 = time.perf_counter()
         self.backend = NumpyBackend(load_model(model_path), num_blocks=64, block_size=16)

@@ -20,9 +20,9 @@ import numpy as np
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.cuda_weights import weight_bytes_read_per_token
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.models.config import ModelConfig, RopeScaling
 from inference_service.models.loader import LoadedModel
+from inference_service.sampling.params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 

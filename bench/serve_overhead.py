@@ -70,7 +70,7 @@ def make_engine(model_path: Path, args):
 
 
 def engine_run(engine, prompts_ids: list[list[int]], max_new_tokens: int):
-    from inference_service.engine.sampling_params import SamplingParams
+    from inference_service.sampling.params import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
     engine.block_manager.reset_prefix_cache()  # the same starting state as the server's

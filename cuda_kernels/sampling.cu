@@ -1,7 +1,7 @@
 // Sampling on the device.
 //   argmax_rows: greedy ids of fp32 logits rows (ties -> lowest id, as np.argmax).
 //   argmax_finish: turn the packed keys of the lm_head GEMV's fused argmax into ids.
-//   sample_rows: the whole host sampler (inference_service/engine/sampler.py, whose module
+//   sample_rows: the whole host sampler (inference_service/sampling/sampler.py, whose module
 //     docstring defines the semantics) for rows that are not plain greedy: repetition penalty,
 //     logprobs (chosen + top-n), temperature, top-k, top-p, min-p and the draw with a uniform
 //     u computed on the host (Philox keyed by (seed, step)), one block per row. Host side:

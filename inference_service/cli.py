@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from inference_service.engine.sampling_params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from tokenizer_service.cli import add_client_security_arguments
 
 DEFAULT_ADDRESS = "localhost:50051"

@@ -17,8 +17,8 @@ import numpy as np
 
 from inference_service.backends import create_backend
 from inference_service.backends.base import Backend, BatchItem
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.models.loader import LoadedModel, load_model
+from inference_service.sampling.params import SamplingParams
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the attention scores' memory
 

@@ -20,9 +20,9 @@ import grpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 
 from inference_service.engine.engine import Engine, RequestOutput
-from inference_service.engine.sampling_params import SampleOutput
 from inference_service.engine.sequence import FinishReason
 from inference_service.engine.stop_strings import StopStringMatcher
+from inference_service.sampling.params import SampleOutput
 from inference_service.tokenizer_client import (
     DecodeStreamMux,
     TokenizerRequestError,

@@ -31,14 +31,14 @@ from inference_service.engine.engine import (
     EngineStoppedError,
     QueueFullError,
 )
-from inference_service.engine.sampling_params import (
+from inference_service.engine.sequence import FinishReason
+from inference_service.metrics import InferenceMetrics
+from inference_service.router import Delta, OutputRouter, RpcError
+from inference_service.sampling.params import (
     DEFAULT_MAX_NEW_TOKENS,
     SampleOutput,
     SamplingParams,
 )
-from inference_service.engine.sequence import FinishReason
-from inference_service.metrics import InferenceMetrics
-from inference_service.router import Delta, OutputRouter, RpcError
 from inference_service.tokenizer_client import (
     TokenizerClient,
     TokenizerRequestError,

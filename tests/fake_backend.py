@@ -14,8 +14,8 @@ import threading
 import numpy as np
 
 from inference_service.backends.base import BatchItem
-from inference_service.engine.sampling_params import SampleOutput
 from inference_service.models.config import ModelConfig
+from inference_service.sampling.params import SampleOutput
 
 
 def oracle_next(tokens: list[int], vocab_size: int) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from inference_service.engine.block_manager import BlockManager
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.engine.sequence import Sequence
+from inference_service.sampling.params import SamplingParams
 
 
 def make_seq(seq_id: int, prompt: list[int]) -> Sequence:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from inference_service.backends import cuda_sampler as cs
-from inference_service.engine.sampler import uniform_for
-from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+from inference_service.sampling.params import SampleOutput, SamplingParams
+from inference_service.sampling.sampler import uniform_for
 
 
 def test_fast_uniforms_equal_uniform_for():

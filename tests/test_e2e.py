@@ -20,7 +20,7 @@ from kuiper_client import AsyncKuiperClient, KuiperClient, KuiperError
 from servers import server_env
 from serving_stack import run_stack, tiny_model  # noqa: F401  (fixture)
 
-from inference_service.engine.sampling_params import SamplingParams
+from inference_service.sampling.params import SamplingParams
 
 PROMPTS = ["hello world", "the quick brown fox", "привет мир", "x=1 f(x) print('hi')"]
 

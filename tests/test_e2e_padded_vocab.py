@@ -13,8 +13,8 @@ from serving_stack import build_tiny_model, run_stack
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.numpy_backend import NumpyBackend
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.models import load_model
+from inference_service.sampling.params import SamplingParams
 from tokenizer_service.tokenizer import load_tokenizer
 
 PADDED_VOCAB = 4096  # the test tokenizer has a few hundred ids

@@ -19,7 +19,7 @@ from kuiper_client import AsyncKuiperClient, KuiperClient, KuiperError
 from servers import free_port, health_status, kuiper_command, self_signed_cert, server_env
 from serving_stack import INFERENCE_SERVICE, StackSecurity, run_stack, tiny_model  # noqa: F401
 
-from inference_service.engine.sampling_params import SamplingParams
+from inference_service.sampling.params import SamplingParams
 from inference_service.tokenizer_client import TokenizerClient, TokenizerRequestError
 
 TOKEN = "e2e-s3cret"

@@ -10,7 +10,7 @@ import pytest
 from servers import free_port, health_status, kuiper_command, server_env
 from serving_stack import tiny_model  # noqa: F401  (fixture)
 
-from inference_service.engine.sampling_params import SamplingParams
+from inference_service.sampling.params import SamplingParams
 
 
 def up_command(*extra: str) -> list[str]:

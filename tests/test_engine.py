@@ -16,8 +16,8 @@ from inference_service.engine.engine import (
     QueueFullError,
     RequestOutput,
 )
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.engine.sequence import FinishReason
+from inference_service.sampling.params import SamplingParams
 
 VOCAB = 64
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)

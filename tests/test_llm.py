@@ -12,8 +12,8 @@ from kuiper_client.cli import main as kuiper_main
 from models_util import build_llama2, hf_greedy
 
 import inference_service.llm as llm_module
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.llm import LLM
+from inference_service.sampling.params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
 

@@ -9,8 +9,8 @@ from models_util import BUILDERS, VOCAB, hf_greedy, hf_logits
 from inference_service.backends import create_backend
 from inference_service.backends.base import BatchItem
 from inference_service.backends.numpy_backend import NumpyBackend, kv_bytes_per_block
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.models import load_model
+from inference_service.sampling.params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 BLOCK = 4  # small blocks, so sequences cross many block boundaries

@@ -9,8 +9,8 @@ from models_util import hf_greedy, hf_logits
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.numpy_backend import NumpyBackend
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.models import load_model
+from inference_service.sampling.params import SamplingParams
 
 pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
 

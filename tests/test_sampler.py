@@ -13,8 +13,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from inference_service.engine.sampler import keep_mask, sample, sample_batch, uniform_for
-from inference_service.engine.sampling_params import SamplingParams
+from inference_service.sampling.params import SamplingParams
+from inference_service.sampling.sampler import keep_mask, sample, sample_batch, uniform_for
 
 VOCAB = 50
 EMPTY = np.zeros(0, np.int32)

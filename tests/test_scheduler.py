@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from inference_service.engine.block_manager import BlockManager
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.engine.scheduler import Scheduler, SchedulerConfig
 from inference_service.engine.sequence import FinishReason, Sequence, SequenceStatus
+from inference_service.sampling.params import SamplingParams
 
 VOCAB = 40
 EOS = 3

@@ -13,8 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from inference_service.engine.sampling_params import SampleOutput, SamplingParams
 from inference_service.models.config import ModelConfig
+from inference_service.sampling.params import SampleOutput, SamplingParams
 
 
 @dataclass

@@ -11,7 +11,7 @@ kernels eagerly. Up to 8 token rows run as GEMVs (weights read once), more as te
 GEMMs. Greedy sampling is fused into the lm_head GEMV (an atomicMax argmax), so only the ids
 come back; temperature / top-k / top-p / min-p / repetition penalty / logprobs rows are sampled
 on the device by one sample_rows launch for all of them (backends/cuda_sampler.py), with the
-host sampler (inference_service/engine/sampler.py) as the fallback (KUIPER_HOST_SAMPLER=1).
+host sampler (inference_service/sampling/sampler.py) as the fallback (KUIPER_HOST_SAMPLER=1).
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ from inference_service.backends.cuda_plan import (
 )
 from inference_service.backends.cuda_sampler import DeviceSampler, supported
 from inference_service.backends.cuda_weights import plan_arena
-from inference_service.engine.sampler import sample
-from inference_service.engine.sampling_params import SampleOutput, SamplingParams
 from inference_service.models.loader import LoadedModel
 from inference_service.models.rope import rope_inv_freq
+from inference_service.sampling.params import SampleOutput, SamplingParams
+from inference_service.sampling.sampler import sample
 
 DEFAULT_GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PARTIAL_TOKENS = 64  # token rows the flash-decoding partials buffer holds at max splits

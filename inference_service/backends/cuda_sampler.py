@@ -3,7 +3,7 @@
 The CUDA backend's lm_head GEMV writes one fp32 logits row per sampled item. Rows that are not
 plain greedy (temperature, top-k, top-p, min-p, repetition penalty, logprobs) go through one
 sample_rows launch for all of them: one block per row runs what
-inference_service/engine/sampler.py::sample does on the host, with the same semantics. The
+inference_service/sampling/sampler.py::sample does on the host, with the same semantics. The
 one random number per row, u = sampler.uniform_for(seed, step), is still drawn here, so a
 seeded request gives the same tokens on every backend and in every batching.
 
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from inference_service.engine.sampler import uniform_for
-from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+from inference_service.sampling.params import SampleOutput, SamplingParams
+from inference_service.sampling.sampler import uniform_for
 
 # Must match the SP_* / SAMPLE_* defines in cuda_kernels/sampling.cu.
 PARAM_WORDS = 12

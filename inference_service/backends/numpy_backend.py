@@ -16,11 +16,11 @@ import os
 import numpy as np
 
 from inference_service.backends.base import BatchItem, check_batch
-from inference_service.engine.sampler import sample
-from inference_service.engine.sampling_params import SampleOutput
 from inference_service.models.config import ModelConfig
 from inference_service.models.loader import LoadedModel
 from inference_service.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from inference_service.sampling.params import SampleOutput
+from inference_service.sampling.sampler import sample
 
 KV_DTYPE = np.float32
 THREADS_ENV = "KUIPER_CPU_THREADS"

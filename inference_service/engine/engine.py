@@ -23,9 +23,9 @@ import numpy as np
 
 from inference_service.backends.base import Backend, BatchItem
 from inference_service.engine.block_manager import BlockManager
-from inference_service.engine.sampling_params import SampleOutput, SamplingParams
 from inference_service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from inference_service.engine.sequence import FinishReason, Sequence
+from inference_service.sampling.params import SampleOutput, SamplingParams
 
 log = logging.getLogger(__name__)
 

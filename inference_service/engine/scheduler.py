@@ -19,8 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from inference_service.engine.block_manager import BlockManager, PrefixMatch
-from inference_service.engine.sampling_params import SampleOutput
 from inference_service.engine.sequence import FinishReason, Sequence, SequenceStatus
+from inference_service.sampling.params import SampleOutput
 
 
 @dataclass(frozen=True)

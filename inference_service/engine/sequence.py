@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+from inference_service.sampling.params import SampleOutput, SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -8,7 +8,7 @@ import pycuda.driver as cuda
 
 from cuda_kernels import load_kernels
 from inference_service.backends.cuda_sampler import DeviceSampler
-from inference_service.engine.sampling_params import SamplingParams
+from inference_service.sampling.params import SamplingParams
 
 
 def main() -> None:

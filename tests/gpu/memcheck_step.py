@@ -7,10 +7,10 @@ import numpy as np
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.cuda_backend import CudaBackend
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.models.config import ModelConfig
 from inference_service.models.loader import LoadedModel
 from inference_service.models.weights import expected_shapes
+from inference_service.sampling.params import SamplingParams
 
 
 def tiny_model() -> LoadedModel:

@@ -14,8 +14,8 @@ from models_util import BUILDERS, VOCAB
 
 from inference_service.backends.base import BatchItem
 from inference_service.backends.numpy_backend import NumpyBackend
-from inference_service.engine.sampling_params import SamplingParams
 from inference_service.models import load_model
+from inference_service.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 

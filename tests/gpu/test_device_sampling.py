@@ -1,5 +1,5 @@
 """sample_rows (cuda_kernels/sampling.cu, host side backends/cuda_sampler.py) against the host
-sampler (engine/sampler.py::sample, the oracle) on identical fp32 logits rows.
+sampler (sampling/sampler.py::sample, the oracle) on identical fp32 logits rows.
 
 Exactness: the device must pick the same token and the same top-n ids as the host. The one
 allowed difference is a boundary case: numpy sums top-p masses in float32 (np.cumsum) and its
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from kernel_util import kernel_context
 
-import inference_service.engine.sampler as host_sampler
-from inference_service.engine.sampler import apply_repetition_penalty, sample, uniform_for
-from inference_service.engine.sampling_params import SamplingParams
+import inference_service.sampling.sampler as host_sampler
+from inference_service.sampling.params import SamplingParams
+from inference_service.sampling.sampler import apply_repetition_penalty, sample, uniform_for
 
 pytestmark = pytest.mark.gpu
 

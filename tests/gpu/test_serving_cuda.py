@@ -12,7 +12,7 @@ import pytest
 from kuiper_client import KuiperClient
 from serving_stack import run_stack, tiny_model  # noqa: F401  (fixture)
 
-from inference_service.engine.sampling_params import SamplingParams
+from inference_service.sampling.params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference_service.engine.sampling_params import SampleOutput, SamplingParams
+from inference_service.sampling.params import SampleOutput, SamplingParams
 
 _U64 = (1 << 64) - 1
 
