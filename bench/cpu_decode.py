@@ -117,7 +117,7 @@ def main() -> None:
         os.environ["KUIPER_CPU_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
 
-    from tokenizer_service.model_source import resolve_model
+    from kuiper_serve.common.model_source import resolve_model
 
     path = resolve_model(args.model)
     prompt = np.random.default_rng(0).integers(100, 10000, args.prompt_tokens).tolist()

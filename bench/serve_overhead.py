@@ -50,7 +50,7 @@ def free_port() -> int:
 
 
 def wait_healthy(address: str, proc: subprocess.Popen, service: str = "") -> None:
-    from inference_service.serve_cli import wait_healthy as wait
+    from kuiper_serve.cli.up import wait_healthy as wait
 
     wait(address, proc, 600, service)
 
@@ -106,7 +106,7 @@ def spawn(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
 def start_servers(model_path: Path, args) -> tuple[str, list[subprocess.Popen]]:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
-    base = [sys.executable, "-m", "kuiper_client.cli"]
+    base = [sys.executable, "-m", "kuiper_serve.cli"]
     tok_port, inf_port = free_port(), free_port()
     logs = Path(tempfile.mkdtemp(prefix="kuiper-bench-"))
     tok = spawn(
@@ -170,7 +170,7 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from tokenizer_service.model_source import resolve_model
+    from kuiper_serve.common.model_source import resolve_model
     from tokenizer_service.tokenizer import load_tokenizer
 
     if args.random:

@@ -44,7 +44,7 @@ class LLM:
         max_context: int | None = None,
         block_size: int = 16,
     ) -> None:
-        from tokenizer_service.model_source import resolve_model
+        from kuiper_serve.common.model_source import resolve_model
 
         path = resolve_model(model)
         self.model: LoadedModel = load_model(path)

@@ -44,8 +44,9 @@ from inference_service.tokenizer_client import (
     TokenizerRequestError,
     TokenizerUnavailableError,
 )
-from tokenizer_service.auth import Security, add_port, count_rejections
-from tokenizer_service.grpc_health import ServerHealth
+from kuiper_serve.common.auth import Security, add_port, count_rejections
+from kuiper_serve.common.defaults import INFERENCE_GRACE_S, INFERENCE_METRICS_PORT, INFERENCE_PORT
+from kuiper_serve.common.health import ServerHealth
 
 log = logging.getLogger("kuiper.inference")
 
@@ -349,16 +350,16 @@ class ServerConfig:
     model: str | None = None
     device: str = "auto"
     host: str = "0.0.0.0"
-    port: int = 50051
+    port: int = INFERENCE_PORT
     tokenizer_address: str | None = None
-    metrics_port: int = 9091  # 0: no metrics endpoint
+    metrics_port: int = INFERENCE_METRICS_PORT  # 0: no metrics endpoint
     kv_memory_mb: float | None = None
     num_kv_blocks: int | None = None
     block_size: int = 16
     max_batch_size: int = 32
     max_waiting: int = 256
     max_num_batched_tokens: int = 512
-    grace_s: float = 30.0
+    grace_s: float = INFERENCE_GRACE_S
     tokenizer_timeout_s: float = 5.0
     security: Security = field(default_factory=Security)
     # The connection to the tokenizer service: TLS when tokenizer_tls or tokenizer_tls_ca.
@@ -394,7 +395,7 @@ async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -
 def _build_engine(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
     from inference_service.backends import create_backend
     from inference_service.models import load_model
-    from tokenizer_service.model_source import resolve_model
+    from kuiper_serve.common.model_source import resolve_model
 
     path = resolve_model(cfg.model)
     model = load_model(path)

@@ -20,11 +20,9 @@ from pathlib import Path
 import grpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
+from kuiper_client.channel import open_channel
 
-from tokenizer_service.auth import open_channel
-
-ADDRESS_ENV = "KUIPER_TOKENIZER_ADDRESS"
-DEFAULT_ADDRESS = "localhost:50052"
+from kuiper_serve.common.defaults import TOKENIZER_ADDRESS, TOKENIZER_ADDRESS_ENV
 
 # Reconnect quickly after the tokenizer restarts (gRPC's default backoff grows to minutes).
 CHANNEL_OPTIONS = [
@@ -37,7 +35,7 @@ CHANNEL_OPTIONS = [
 
 
 def default_address() -> str:
-    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+    return os.environ.get(TOKENIZER_ADDRESS_ENV) or TOKENIZER_ADDRESS
 
 
 class TokenizerUnavailableError(Exception):

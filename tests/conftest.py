@@ -45,6 +45,6 @@ def subprocess_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real default model (fetched once into $KUIPER_HOME or the user cache)."""
-    from tokenizer_service.model_source import fetch_default_model
+    from kuiper_serve.common.model_source import fetch_default_model
 
     return fetch_default_model(quiet=True)

@@ -39,7 +39,7 @@ def free_port() -> int:
 
 def kuiper_command(*cli_args: str) -> list[str]:
     """argv for the `kuiper` CLI run by this interpreter (no reliance on PATH)."""
-    return [sys.executable, "-m", "kuiper_client.cli", *cli_args]
+    return [sys.executable, "-m", "kuiper_serve.cli", *cli_args]
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:

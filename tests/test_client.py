@@ -152,7 +152,7 @@ def test_values_the_proto_cannot_hold_are_invalid_argument(server, sampling, fie
 
 
 def test_cli_generate_reports_a_bad_value_in_one_line(server, capsys):
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     _, address = server
     assert main(["generate", "--address", address, "--max-new-tokens", "-5", "hi"]) == 1
@@ -162,8 +162,9 @@ def test_cli_generate_reports_a_bad_value_in_one_line(server, capsys):
 
 
 def test_cli_generate_ctrl_c_prints_what_came_and_exits_130(server, capsys, monkeypatch):
-    from kuiper_client.cli import main
     from kuiper_client.client import GenerateChunk
+
+    from kuiper_serve.cli.main import main
 
     def interrupted(self, prompt, **kwargs):
         yield GenerateChunk(token_ids=[7], text="a")
@@ -178,7 +179,7 @@ def test_cli_generate_ctrl_c_prints_what_came_and_exits_130(server, capsys, monk
 
 
 def test_cli_generate_says_what_to_do_when_no_inference_service_answers(capsys):
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     empty = grpc.server(futures.ThreadPoolExecutor(1))  # serves no service: UNIMPLEMENTED
     port = empty.add_insecure_port("127.0.0.1:0")
@@ -197,7 +198,7 @@ def test_cli_generate_says_what_to_do_when_no_inference_service_answers(capsys):
 def test_cli_generate_stdin_prompt_drops_the_trailing_newline(server, capsys, monkeypatch):
     import io
 
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     servicer, address = server
     monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time\n"))  # echo ... | kuiper
@@ -207,7 +208,7 @@ def test_cli_generate_stdin_prompt_drops_the_trailing_newline(server, capsys, mo
 
 
 def test_cli_timeout_zero_means_none_and_negative_is_refused(server, capsys):
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     servicer, address = server
     assert main(["generate", "--address", address, "--timeout", "0", "hi"]) == 0
@@ -222,7 +223,7 @@ def test_cli_timeout_zero_means_none_and_negative_is_refused(server, capsys):
 def test_cli_chat_refuses_a_flag_the_request_cannot_carry_once(server, capsys, monkeypatch):
     import io
 
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     servicer, address = server
     monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\nthree\n"))

@@ -38,7 +38,7 @@ SERVE_COMMANDS = {"kuiper-tokenizer": "serve-tokenizer", "kuiper-inference": "se
 def cli_help(command: str) -> str | None:
     """`kuiper COMMAND --help` as a subprocess; None when the command is not registered."""
     proc = subprocess.run(
-        [sys.executable, "-m", "kuiper_client.cli", command, "--help"],
+        [sys.executable, "-m", "kuiper_serve.cli", command, "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -50,7 +50,7 @@ def cli_help(command: str) -> str | None:
 @cache
 def cli_actions(command: str) -> dict[str, Any]:
     """Flag → argparse action of one subcommand (for defaults and choices)."""
-    from kuiper_client.cli import build_parser
+    from kuiper_serve.cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
@@ -415,7 +415,7 @@ def test_dockerfile_copies_every_package_and_runs_real_commands(dockerfile: Path
 
 
 def test_configmap_model_path_is_where_the_image_bakes_the_default_model() -> None:
-    from tokenizer_service.model_source import DEFAULT_MODEL_FILE
+    from kuiper_serve.common.model_source import DEFAULT_MODEL_FILE
 
     env = load_docs(K8S / "base" / "configmap.yaml")[0]["data"]
     for dockerfile in DOCKERFILES:

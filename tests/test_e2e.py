@@ -262,7 +262,7 @@ def test_model_info_and_tokenizer_calls(stack, llm):
 
 def test_generate_and_chat_commands(stack, llm):
     env = server_env()
-    kuiper = ["python", "-m", "kuiper_client.cli"]
+    kuiper = ["python", "-m", "kuiper_serve.cli"]
     import sys
 
     kuiper[0] = sys.executable

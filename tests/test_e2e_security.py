@@ -99,7 +99,7 @@ def test_plaintext_client_against_tls_is_unavailable(stack):
 
 
 def test_cli_plaintext_against_tls_suggests_tls(stack, capsys):
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     assert main(["generate", "--address", stack.address, "--token", TOKEN, "hi"]) == 1
     err = capsys.readouterr().err

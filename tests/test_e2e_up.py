@@ -88,7 +88,7 @@ def test_up_reports_a_bad_model(bad):
 def test_every_server_command_listens_on_this_machine_only_by_default():
     # A server reachable from the network is an explicit choice (--host 0.0.0.0, as the
     # Docker images and Kubernetes manifests pass), the same for both services.
-    from kuiper_client.cli import build_parser
+    from kuiper_serve.cli.main import build_parser
 
     parser = build_parser()
     for command in ("serve-tokenizer", "serve-inference", "up"):
@@ -101,7 +101,7 @@ def test_up_refuses_a_port_in_use_in_one_line(flag, capsys):
     # and kuiper up blamed its inference service for the failure.
     import socket
 
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -119,7 +119,7 @@ def test_up_refuses_a_port_in_use_in_one_line(flag, capsys):
 
 @pytest.mark.parametrize("missing", ["--tls-cert", "--tls-key", "--tls-ca"])
 def test_up_names_an_unreadable_tls_file_in_one_line(missing, tmp_path, capsys):
-    from kuiper_client.cli import main
+    from kuiper_serve.cli.main import main
 
     files = {}
     for flag in ("--tls-cert", "--tls-key", "--tls-ca"):

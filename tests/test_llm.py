@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-from kuiper_client.cli import main as kuiper_main
 from models_util import build_llama2, hf_greedy
 
 import inference_service.llm as llm_module
 from inference_service.llm import LLM
 from inference_service.sampling.params import SamplingParams
+from kuiper_serve.cli.main import main as kuiper_main
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
 
@@ -180,7 +180,7 @@ def test_cli_bad_model_is_one_clear_line(tmp_path, subprocess_env):
             [
                 sys.executable,
                 "-m",
-                "kuiper_client.cli",
+                "kuiper_serve.cli",
                 "generate",
                 "--local",
                 "--model",
@@ -202,12 +202,12 @@ def test_cli_bad_model_is_one_clear_line(tmp_path, subprocess_env):
 
 def test_cli_names_flags_the_path_ignores(capsys):
     """--local runs in-process: the served path's flags would do nothing, and the reverse."""
-    from inference_service.cli import unused_flags
+    from kuiper_serve.cli.generate import unused_flags
 
     def parse(*argv: str):
         import argparse
 
-        from inference_service.cli import register
+        from kuiper_serve.cli.generate import register
 
         parser = argparse.ArgumentParser()
         register(parser.add_subparsers())

@@ -564,7 +564,7 @@ def test_cli_help_explains_every_command():
     result = _kuiper("--help")
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    from kuiper_client.cli import build_parser
+    from kuiper_serve.cli.main import build_parser
 
     subparsers = next(
         a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)

@@ -25,14 +25,14 @@ from google.protobuf.message import DecodeError
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from tokenizer_service.auth import Security, add_port, count_rejections
-from tokenizer_service.defaults import (
-    DEFAULT_GRACE_S,
+from kuiper_serve.common.auth import Security, add_port, count_rejections
+from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
-    DEFAULT_METRICS_PORT,
-    DEFAULT_PORT,
+    TOKENIZER_GRACE_S,
+    TOKENIZER_METRICS_PORT,
+    TOKENIZER_PORT,
 )
-from tokenizer_service.grpc_health import ServerHealth
+from kuiper_serve.common.health import ServerHealth
 from tokenizer_service.incremental import IncrementalDecoder
 from tokenizer_service.tokenizer import Tokenizer, load_tokenizer
 
@@ -376,7 +376,7 @@ class ServeError(RuntimeError):
 
 
 async def _load(model_path: str | Path | None) -> Tokenizer:
-    from tokenizer_service.model_source import resolve_model
+    from kuiper_serve.common.model_source import resolve_model
 
     def work() -> Tokenizer:
         path = resolve_model(model_path)
@@ -397,9 +397,9 @@ async def _load(model_path: str | Path | None) -> Tokenizer:
 async def serve_async(
     model_path: str | Path | None,
     host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    metrics_port: int | None = DEFAULT_METRICS_PORT,
-    grace: float = DEFAULT_GRACE_S,
+    port: int = TOKENIZER_PORT,
+    metrics_port: int | None = TOKENIZER_METRICS_PORT,
+    grace: float = TOKENIZER_GRACE_S,
     limits: Limits | None = None,
     security: Security | None = None,
 ) -> None:
@@ -485,9 +485,9 @@ async def serve_async(
 def serve(
     model_path: str | Path | None = None,
     host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-    metrics_port: int | None = DEFAULT_METRICS_PORT,
-    grace: float = DEFAULT_GRACE_S,
+    port: int = TOKENIZER_PORT,
+    metrics_port: int | None = TOKENIZER_METRICS_PORT,
+    grace: float = TOKENIZER_GRACE_S,
     security: Security | None = None,
 ) -> int:
     """Run the tokenizer service in this process; returns the exit code (0 after a drain)."""

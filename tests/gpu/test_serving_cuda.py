@@ -49,7 +49,7 @@ def test_served_greedy_equals_in_process_cuda(tiny_model, cuda_llm):  # noqa: F8
 def test_kuiper_up_cuda_demo(tiny_model, subprocess_env):  # noqa: F811
     from conftest import free_port
 
-    cmd = [sys.executable, "-m", "kuiper_client.cli", "up", "--model", str(tiny_model),
+    cmd = [sys.executable, "-m", "kuiper_serve.cli", "up", "--model", str(tiny_model),
            "--device", "cuda", "--port", str(free_port()), "--tokenizer-port", str(free_port()),
            "--metrics-port", "0", "--demo", "Once upon a time", "--demo-max-new-tokens", "16",
            "--exit-after-demo"]  # fmt: skip

@@ -56,7 +56,7 @@ function freePort() {
 
 /** Subcommands the `kuiper` CLI offers (some parts of the product may not be built yet). */
 function cliCommands() {
-  const help = execFileSync(pythonExe(), ['-m', 'kuiper_client.cli', '--help'], {
+  const help = execFileSync(pythonExe(), ['-m', 'kuiper_serve.cli', '--help'], {
     encoding: 'utf8',
   });
   return new Set([...help.matchAll(/^\s{4}([a-z][a-z0-9-]+)\s/gm)].map((m) => m[1]));
@@ -103,7 +103,7 @@ async function startServer(command, args, options = {}) {
   const { timeoutMs = 60_000 } = options;
   const port = await freePort();
   const metricsPort = await freePort();
-  const argv = ['-m', 'kuiper_client.cli', command, '--host', '127.0.0.1', '--port', String(port)];
+  const argv = ['-m', 'kuiper_serve.cli', command, '--host', '127.0.0.1', '--port', String(port)];
   argv.push('--metrics-port', String(metricsPort), ...args);
   const child = spawn(pythonExe(), argv, {
     cwd: REPO_ROOT,

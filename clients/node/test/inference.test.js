@@ -118,7 +118,7 @@ describe('inference service through the Node client', { skip }, () => {
     return client.generateText('once upon a time', sampling).then((ours) => {
       const out = execFileSync(
         pythonExe(),
-        ['-m', 'kuiper_client.cli', 'generate', '--address', inference.address,
+        ['-m', 'kuiper_serve.cli', 'generate', '--address', inference.address,
           '--max-new-tokens', '8', '--temperature', '0', '--json', 'once upon a time'],
         { encoding: 'utf8' },
       );

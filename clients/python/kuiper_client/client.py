@@ -24,10 +24,8 @@ from kuiper.v1 import inference_pb2_grpc as igrpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
 
-from tokenizer_service.auth import open_channel
+from kuiper_client.channel import DEFAULT_ADDRESS, DEFAULT_TOKENIZER_ADDRESS, open_channel
 
-DEFAULT_ADDRESS = "localhost:50051"
-DEFAULT_TOKENIZER_ADDRESS = "localhost:50052"
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),

@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib import metadata
 
 # Each module exposes register(subparsers) and sets a handler with
 # parser.set_defaults(func=...). Listed here so `kuiper --help` shows them all.
 COMMAND_MODULES = (
-    "tokenizer_service.cli",  # serve-tokenizer, encode, decode
-    "inference_service.cli",  # generate (served, or in-process with --local)
-    "inference_service.serve_cli",  # serve-inference, up
-    "kuiper_client.commands",  # chat and the served path of generate
+    "kuiper_serve.cli.tokenizer",  # serve-tokenizer, encode, decode
+    "kuiper_serve.cli.generate",  # generate (served, or in-process with --local)
+    "kuiper_serve.cli.serve",  # serve-inference
+    "kuiper_serve.cli.up",  # up: both services on one machine
+    "kuiper_serve.cli.chat",  # chat
 )
+
+
+def version() -> str:
+    try:
+        return metadata.version("kuiper-serve")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kuiper",
         description="kuiper-serve: LLM inference over gRPC (tokenizer + inference services).",
     )
+    parser.add_argument("--version", action="version", version=f"kuiper-serve {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -1,22 +1,20 @@
-"""Optional transport security for the kuiper gRPC servers and their clients: TLS and a shared
-bearer token.
+"""Optional transport security of the kuiper gRPC servers: TLS and a shared bearer token.
 
-Generic on purpose (both services and every client use it). Health and reflection stay open so
-that Kubernetes probes and `grpcurl list` work without the token; every other method needs the
-metadata `authorization: Bearer <token>` or gets UNAUTHENTICATED.
+Both services use it. Health and reflection stay open so that Kubernetes probes and
+`grpcurl list` work without the token; every other method needs the metadata
+`authorization: Bearer <token>` or gets UNAUTHENTICATED. The client side (opening a channel
+with TLS and the token) is kuiper_client.channel.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-
-from tokenizer_service.defaults import AUTH_TOKEN_ENV  # noqa: F401  (re-exported)
 
 # Methods reachable without the token.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -79,43 +77,6 @@ def add_port(
         return server.add_secure_port(address, credentials)
     except RuntimeError:  # grpc raises instead of returning 0 for some bind failures
         return 0
-
-
-def channel_credentials(
-    ca: str | Path | None = None, token: str | None = None
-) -> grpc.ChannelCredentials:
-    """Client side: TLS trusting `ca` (or the system roots), plus the bearer token if given."""
-    root = Path(ca).read_bytes() if ca else None
-    creds = grpc.ssl_channel_credentials(root_certificates=root)
-    if token:
-        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
-    return creds
-
-
-def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the token (for plaintext channels, where call credentials
-    are not allowed)."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def open_channel(
-    address: str,
-    *,
-    tls: bool = False,
-    ca: str | Path | None = None,
-    token: str | None = None,
-    options: Sequence[tuple[str, Any]] = (),
-    aio: bool = False,
-) -> tuple[Any, tuple[tuple[str, str], ...]]:
-    """A client channel and the metadata each call must send. TLS when `tls` or `ca` is given
-    (trusting `ca`, else the system roots), the token then rides as call credentials; on
-    plaintext (call credentials need TLS) it goes in the returned metadata instead. Raises
-    OSError when `ca` cannot be read."""
-    module = grpc.aio if aio else grpc
-    if tls or ca:
-        creds = channel_credentials(ca, token)
-        return module.secure_channel(address, creds, options=list(options)), ()
-    return module.insecure_channel(address, options=list(options)), bearer_metadata(token)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

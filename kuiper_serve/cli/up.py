@@ -1,12 +1,9 @@
-"""`kuiper serve-inference` (the inference service alone, e.g. in Kubernetes) and `kuiper up`
-(tokenizer + inference services as two processes, for one machine)."""
+"""`kuiper up`: the tokenizer and inference services as two processes, for one machine."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
-import logging
 import os
 import signal
 import socket
@@ -15,116 +12,35 @@ import sys
 import time
 from pathlib import Path
 
-from tokenizer_service.cli import add_security_arguments
-from tokenizer_service.defaults import AUTH_TOKEN_ENV
-
-DEFAULT_PORT = 50051
-DEFAULT_TOKENIZER_PORT = 50052
-DEFAULT_METRICS_PORT = 9091
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto (default): cuda when a GPU and pycuda exist, else cpu")  # fmt: skip
-
-
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    kv = p.add_mutually_exclusive_group()
-    kv.add_argument(
-        "--kv-memory",
-        type=float,
-        default=None,
-        metavar="MB",
-        help="KV cache pool size in MiB (default: backend's choice)",
-    )
-    kv.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache pool size in blocks")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-batch-size", type=int, default=32, help="running sequences at most")
-    p.add_argument(
-        "--max-waiting",
-        type=int,
-        default=256,
-        help="queued requests at most; beyond: RESOURCE_EXHAUSTED",
-    )
-    p.add_argument(
-        "--max-batched-tokens",
-        type=int,
-        default=512,
-        help="tokens per engine step (prefill chunks + decodes)",
-    )
-    p.add_argument(
-        "--grace",
-        type=float,
-        default=30.0,
-        help="seconds running streams get to finish after SIGTERM",
-    )
+from kuiper_serve.cli.args import add_engine_flags, add_model_flags, add_security_arguments
+from kuiper_serve.common.defaults import (
+    AUTH_TOKEN_ENV,
+    DEFAULT_HOST,
+    INFERENCE_METRICS_PORT,
+    INFERENCE_PORT,
+    TOKENIZER_PORT,
+)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "serve-inference",
-        help="run the inference service (needs a tokenizer service)",
-        description="Serve kuiper.v1.InferenceService over gRPC. The tokenizer service is "
-        "reached at --tokenizer-address (env KUIPER_TOKENIZER_ADDRESS).",
-    )
-    _add_model_flags(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to listen on, gRPC and metrics (default 127.0.0.1, this machine "
-                   "only; use 0.0.0.0 in a container or to accept remote clients)")  # fmt: skip
-    p.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT})"
-    )
-    p.add_argument(
-        "--tokenizer-address",
-        default=None,
-        help="host:port of the tokenizer service "
-        "(default: $KUIPER_TOKENIZER_ADDRESS or localhost:50052)",
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=DEFAULT_METRICS_PORT,
-        help=f"Prometheus /metrics port (default {DEFAULT_METRICS_PORT}; 0: off)",
-    )
-    add_security_arguments(p)
-    p.add_argument(
-        "--tokenizer-tls",
-        action="store_true",
-        help="reach the tokenizer service over TLS, trusting the system's CAs",
-    )
-    p.add_argument(
-        "--tokenizer-tls-ca",
-        metavar="PEM",
-        help="reach the tokenizer service over TLS, trusting this CA certificate "
-        "(for a self-signed tokenizer certificate: that certificate)",
-    )
-    p.add_argument(
-        "--tokenizer-auth-token",
-        default=None,
-        help="bearer token for the tokenizer service (default: the same as --auth-token)",
-    )
-    _add_engine_flags(p)
-    p.set_defaults(func=cmd_serve_inference)
-
     u = subparsers.add_parser(
         "up",
         help="start the tokenizer and inference services together",
         description="Start both services as separate processes, wait until both are "
         "healthy, print where they listen, and serve until Ctrl-C / SIGTERM.",
     )
-    _add_model_flags(u)
-    u.add_argument("--host", default="127.0.0.1",
-                   help="interface both services listen on (default 127.0.0.1)")  # fmt: skip
-    u.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"inference service port (default {DEFAULT_PORT})")  # fmt: skip
-    u.add_argument("--tokenizer-port", type=int, default=DEFAULT_TOKENIZER_PORT,
-                   help=f"tokenizer service port (default {DEFAULT_TOKENIZER_PORT})")  # fmt: skip
+    add_model_flags(u)
+    u.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"interface both services listen on (default {DEFAULT_HOST})")  # fmt: skip
+    u.add_argument("--port", type=int, default=INFERENCE_PORT,
+                   help=f"inference service port (default {INFERENCE_PORT})")  # fmt: skip
+    u.add_argument("--tokenizer-port", type=int, default=TOKENIZER_PORT,
+                   help=f"tokenizer service port (default {TOKENIZER_PORT})")  # fmt: skip
     u.add_argument(
         "--metrics-port",
         type=int,
-        default=DEFAULT_METRICS_PORT,
-        help=f"inference metrics port (default {DEFAULT_METRICS_PORT}; the tokenizer's is the "
+        default=INFERENCE_METRICS_PORT,
+        help=f"inference metrics port (default {INFERENCE_METRICS_PORT}; the tokenizer's is the "
         "next one; 0: off)",
     )
     u.add_argument(
@@ -150,42 +66,10 @@ def register(subparsers) -> None:
         "and by the health checks and demo (default: --tls-cert itself, right for a "
         "self-signed certificate; it must name --host)",
     )
-    _add_engine_flags(u)
+    add_engine_flags(u)
     u.set_defaults(func=cmd_up)
 
 
-def cmd_serve_inference(args: argparse.Namespace) -> int:
-    from inference_service.server import ServerConfig, serve
-    from tokenizer_service.auth import Security
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = ServerConfig(
-        model=args.model,
-        device=args.device,
-        host=args.host,
-        port=args.port,
-        tokenizer_address=args.tokenizer_address,
-        metrics_port=args.metrics_port,
-        kv_memory_mb=args.kv_memory,
-        num_kv_blocks=args.num_kv_blocks,
-        block_size=args.block_size,
-        max_batch_size=args.max_batch_size,
-        max_waiting=args.max_waiting,
-        max_num_batched_tokens=args.max_batched_tokens,
-        grace_s=args.grace,
-        security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
-        tokenizer_tls=args.tokenizer_tls,
-        tokenizer_tls_ca=args.tokenizer_tls_ca,
-        tokenizer_auth_token=args.tokenizer_auth_token or args.auth_token or None,
-    )
-    try:
-        return asyncio.run(serve(cfg))
-    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
-        print(f"kuiper serve-inference: {exc}", file=sys.stderr)
-        return 1
-
-
-# ---- kuiper up ---------------------------------------------------------------------------
 def wait_healthy(
     address: str,
     proc: subprocess.Popen,
@@ -197,8 +81,7 @@ def wait_healthy(
     no token); raise if the process exits or time runs out."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from tokenizer_service.auth import open_channel
+    from kuiper_client.channel import open_channel
 
     deadline = time.monotonic() + timeout
     channel, _ = open_channel(address, ca=tls_ca)
@@ -291,7 +174,7 @@ def _run_demo(
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from tokenizer_service.model_source import kuiper_home, resolve_model
+    from kuiper_serve.common.model_source import kuiper_home, resolve_model
 
     ports = [("--port", args.port), ("--tokenizer-port", args.tokenizer_port)]
     if args.metrics_port > 0:
@@ -319,7 +202,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     tok_addr = f"{args.host}:{args.tokenizer_port}"
     inf_addr = f"{args.host}:{args.port}"
-    base = [sys.executable, "-m", "kuiper_client.cli"]
+    base = [sys.executable, "-m", "kuiper_serve.cli"]
     tok_metrics = args.metrics_port + 1 if args.metrics_port > 0 else -1
     tok_cmd = base + ["serve-tokenizer", "--model", str(model), "--host", args.host,
                       "--port", str(args.tokenizer_port), "--metrics-port", str(tok_metrics)]  # fmt: skip

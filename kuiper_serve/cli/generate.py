@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 
-from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from tokenizer_service.cli import add_client_security_arguments
+from kuiper_client.client import GenerateChunk, KuiperError
 
-DEFAULT_ADDRESS = "localhost:50051"
+from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
+from kuiper_serve.cli.args import add_client_security_arguments, sampling_kwargs
+from kuiper_serve.cli.remote import explain, open_client, stream_to
+from kuiper_serve.common.defaults import INFERENCE_ADDRESS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--local: where to run (auto: cuda if present, else cpu)")  # fmt: skip
     p.add_argument(
         "--address",
-        default=DEFAULT_ADDRESS,
-        help=f"inference service host:port (default {DEFAULT_ADDRESS})",
+        default=INFERENCE_ADDRESS,
+        help=f"inference service host:port (default {INFERENCE_ADDRESS})",
     )
     p.add_argument(
         "--timeout", type=float, default=None, help="served: deadline in seconds (0: none)"
@@ -76,20 +78,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"kuiper generate: ignoring {', '.join(unused)}: only {path} uses them",
               file=sys.stderr)  # fmt: skip
     if not args.local:
-        try:
-            from kuiper_client.commands import generate_remote
-        except ImportError as exc:
-            print(f"kuiper generate: the served path is unavailable ({exc}); "
-                  "use --local", file=sys.stderr)  # fmt: skip
-            return 2
-        return int(generate_remote(args) or 0)
+        return generate_remote(args)
     return generate_local(args)
 
 
 def unused_flags(args: argparse.Namespace) -> list[str]:
     """Flags given on the command line that the chosen path does not use."""
     if args.local:
-        given = [("--address", args.address != DEFAULT_ADDRESS), ("--timeout", args.timeout is not None),
+        given = [("--address", args.address != INFERENCE_ADDRESS), ("--timeout", args.timeout is not None),
                  ("--tls", args.tls), ("--tls-ca", args.tls_ca is not None)]  # fmt: skip
     else:
         given = [("--model", args.model is not None), ("--device", args.device != "auto")]
@@ -136,3 +132,40 @@ def generate_local(args: argparse.Namespace) -> int:
 def _fail(message: str) -> int:
     print(f"kuiper generate: {' '.join(message.split())}", file=sys.stderr)
     return 2
+
+
+def generate_remote(args: argparse.Namespace) -> int:
+    """Stream the answer to args.prompt from the service at args.address; with --json print
+    one object {"token_ids", "text", "finish_reason", "usage"} at the end instead."""
+    as_json = bool(getattr(args, "json", False))
+    client = open_client(args, getattr(args, "timeout", None), "generate")
+    if client is None:
+        return 2
+    seen: list[GenerateChunk] = []
+    interrupted = False
+    try:
+        with client:
+            chunks = client.generate(args.prompt, **sampling_kwargs(args))
+            stream_to(None if as_json else sys.stdout, chunks, seen)
+    except KuiperError as exc:
+        print(f"kuiper generate: {explain(exc, client.address)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: closing the client cancelled the RPC; no traceback
+        interrupted = True
+    if as_json:
+        last = seen[-1] if seen else None
+        usage = last.usage if last else None
+        finish = "cancelled" if interrupted else (last.finish_reason if last else None)
+        print(
+            json.dumps(
+                {
+                    "token_ids": [t for c in seen for t in c.token_ids],
+                    "text": "".join(c.text for c in seen),
+                    "finish_reason": finish,
+                    "usage": usage.__dict__ if usage else None,
+                }
+            )
+        )
+    else:
+        sys.stdout.write("\n")
+    return 130 if interrupted else 0

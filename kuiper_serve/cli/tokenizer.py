@@ -8,16 +8,17 @@ import os
 import sys
 from typing import Any
 
-from tokenizer_service.defaults import (
+from kuiper_serve.cli.args import add_client_security_arguments, add_security_arguments
+from kuiper_serve.common.defaults import (
     AUTH_TOKEN_ENV,
-    DEFAULT_ADDRESS,
-    DEFAULT_GRACE_S,
     DEFAULT_HOST,
-    DEFAULT_METRICS_PORT,
-    DEFAULT_PORT,
+    TOKENIZER_ADDRESS,
+    TOKENIZER_ADDRESS_ENV,
+    TOKENIZER_GRACE_S,
+    TOKENIZER_METRICS_PORT,
+    TOKENIZER_PORT,
 )
 
-ADDRESS_ENV = "KUIPER_TOKENIZER_ADDRESS"
 CALL_TIMEOUT_S = 30.0
 _MAX_UINT32 = (1 << 32) - 1
 
@@ -37,39 +38,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "in a container or to accept remote clients)",
     )
     parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"gRPC port (default {DEFAULT_PORT})"
+        "--port", type=int, default=TOKENIZER_PORT, help=f"gRPC port (default {TOKENIZER_PORT})"
     )
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=DEFAULT_METRICS_PORT,
-        help=f"Prometheus metrics HTTP port, /metrics (default {DEFAULT_METRICS_PORT}; "
+        default=TOKENIZER_METRICS_PORT,
+        help=f"Prometheus metrics HTTP port, /metrics (default {TOKENIZER_METRICS_PORT}; "
         "-1 turns metrics off)",
     )
     parser.add_argument(
         "--grace",
         type=float,
-        default=DEFAULT_GRACE_S,
+        default=TOKENIZER_GRACE_S,
         help="seconds in-flight calls get to finish after SIGTERM/SIGINT "
-        f"(default {DEFAULT_GRACE_S:g})",
+        f"(default {TOKENIZER_GRACE_S:g})",
     )
     add_security_arguments(parser)
 
 
-def add_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """--tls-cert, --tls-key, --auth-token: the same for every kuiper server."""
-    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
-    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    parser.add_argument(
-        "--auth-token",
-        default=os.environ.get(AUTH_TOKEN_ENV),
-        help="require the metadata 'authorization: Bearer TOKEN' on every call but health and "
-        f"reflection (default ${AUTH_TOKEN_ENV}; prefer the variable, arguments show in ps)",
-    )
-
-
 def run_serve(args: argparse.Namespace) -> int:
-    from tokenizer_service.auth import Security
+    from kuiper_serve.common.auth import Security
     from tokenizer_service.server import serve
 
     metrics_port = None if args.metrics_port < 0 else args.metrics_port
@@ -80,33 +69,15 @@ def run_serve(args: argparse.Namespace) -> int:
 def _client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
-        default=os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS),
-        help=f"tokenizer service HOST:PORT (default ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
+        default=os.environ.get(TOKENIZER_ADDRESS_ENV, TOKENIZER_ADDRESS),
+        help=f"tokenizer service HOST:PORT (default ${TOKENIZER_ADDRESS_ENV} or {TOKENIZER_ADDRESS})",
     )
     add_client_security_arguments(parser)
 
 
-def add_client_security_arguments(parser: argparse.ArgumentParser) -> None:
-    """--tls, --tls-ca, --auth-token (alias --token): the same for every client command."""
-    parser.add_argument(
-        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
-    )
-    parser.add_argument(
-        "--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA certificate"
-    )
-    parser.add_argument(
-        "--auth-token",
-        "--token",
-        dest="auth_token",
-        default=os.environ.get(AUTH_TOKEN_ENV),
-        help=f"bearer token the server requires (default ${AUTH_TOKEN_ENV})",
-    )
-
-
 def _stub(args: argparse.Namespace) -> tuple[Any, Any, tuple]:
     from kuiper.v1 import tokenizer_pb2_grpc
-
-    from tokenizer_service.auth import open_channel
+    from kuiper_client.channel import open_channel
 
     channel, metadata = open_channel(
         args.address,

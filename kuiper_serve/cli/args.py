@@ -1,0 +1,104 @@
+"""argparse helpers shared by several `kuiper` commands: security and sampling flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from kuiper_serve.common.defaults import AUTH_TOKEN_ENV, INFERENCE_GRACE_S
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls-cert, --tls-key, --auth-token: the same for every kuiper server."""
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get(AUTH_TOKEN_ENV),
+        help="require the metadata 'authorization: Bearer TOKEN' on every call but health and "
+        f"reflection (default ${AUTH_TOKEN_ENV}; prefer the variable, arguments show in ps)",
+    )
+
+
+def add_client_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls, --tls-ca, --auth-token (alias --token): the same for every client command."""
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    parser.add_argument(
+        "--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA certificate"
+    )
+    parser.add_argument(
+        "--auth-token",
+        "--token",
+        dest="auth_token",
+        default=os.environ.get(AUTH_TOKEN_ENV),
+        help=f"bearer token the server requires (default ${AUTH_TOKEN_ENV})",
+    )
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 0) -> None:
+    """The sampling flags shared by generate and chat."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help="tokens to generate at most (0: server default)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """Sampling keywords for KuiperClient from parsed flags (absent flags: server defaults)."""
+    return {
+        "max_new_tokens": getattr(args, "max_new_tokens", 0) or 0,
+        "temperature": getattr(args, "temperature", None),
+        "top_p": getattr(args, "top_p", None),
+        "top_k": getattr(args, "top_k", 0) or 0,
+        "min_p": getattr(args, "min_p", 0.0) or 0.0,
+        "repetition_penalty": getattr(args, "repetition_penalty", None),
+        "seed": getattr(args, "seed", None),
+        "stop": list(getattr(args, "stop", None) or []),
+        "ignore_eos": bool(getattr(args, "ignore_eos", False)),
+    }
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): cuda when a GPU and pycuda exist, else cpu")  # fmt: skip
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    kv = p.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--kv-memory",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="KV cache pool size in MiB (default: backend's choice)",
+    )
+    kv.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache pool size in blocks")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-batch-size", type=int, default=32, help="running sequences at most")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="queued requests at most; beyond: RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--max-batched-tokens",
+        type=int,
+        default=512,
+        help="tokens per engine step (prefill chunks + decodes)",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=INFERENCE_GRACE_S,
+        help="seconds running streams get to finish after SIGTERM",
+    )

@@ -1,0 +1,95 @@
+"""`kuiper serve-inference`: the inference service alone (e.g. in Kubernetes)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from kuiper_serve.cli.args import add_engine_flags, add_model_flags, add_security_arguments
+from kuiper_serve.common.defaults import (
+    DEFAULT_HOST,
+    INFERENCE_METRICS_PORT,
+    INFERENCE_PORT,
+    TOKENIZER_ADDRESS,
+    TOKENIZER_ADDRESS_ENV,
+)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve-inference",
+        help="run the inference service (needs a tokenizer service)",
+        description="Serve kuiper.v1.InferenceService over gRPC. The tokenizer service is "
+        "reached at --tokenizer-address (env KUIPER_TOKENIZER_ADDRESS).",
+    )
+    add_model_flags(p)
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"interface to listen on, gRPC and metrics (default {DEFAULT_HOST}, this machine "
+                   "only; use 0.0.0.0 in a container or to accept remote clients)")  # fmt: skip
+    p.add_argument(
+        "--port", type=int, default=INFERENCE_PORT, help=f"gRPC port (default {INFERENCE_PORT})"
+    )
+    p.add_argument(
+        "--tokenizer-address",
+        default=None,
+        help="host:port of the tokenizer service "
+        f"(default: ${TOKENIZER_ADDRESS_ENV} or {TOKENIZER_ADDRESS})",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=INFERENCE_METRICS_PORT,
+        help=f"Prometheus /metrics port (default {INFERENCE_METRICS_PORT}; 0: off)",
+    )
+    add_security_arguments(p)
+    p.add_argument(
+        "--tokenizer-tls",
+        action="store_true",
+        help="reach the tokenizer service over TLS, trusting the system's CAs",
+    )
+    p.add_argument(
+        "--tokenizer-tls-ca",
+        metavar="PEM",
+        help="reach the tokenizer service over TLS, trusting this CA certificate "
+        "(for a self-signed tokenizer certificate: that certificate)",
+    )
+    p.add_argument(
+        "--tokenizer-auth-token",
+        default=None,
+        help="bearer token for the tokenizer service (default: the same as --auth-token)",
+    )
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_serve_inference)
+
+
+def cmd_serve_inference(args: argparse.Namespace) -> int:
+    from inference_service.server import ServerConfig, serve
+    from kuiper_serve.common.auth import Security
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = ServerConfig(
+        model=args.model,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        tokenizer_address=args.tokenizer_address,
+        metrics_port=args.metrics_port,
+        kv_memory_mb=args.kv_memory,
+        num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        max_batch_size=args.max_batch_size,
+        max_waiting=args.max_waiting,
+        max_num_batched_tokens=args.max_batched_tokens,
+        grace_s=args.grace,
+        security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
+        tokenizer_tls=args.tokenizer_tls,
+        tokenizer_tls_ca=args.tokenizer_tls_ca,
+        tokenizer_auth_token=args.tokenizer_auth_token or args.auth_token or None,
+    )
+    try:
+        return asyncio.run(serve(cfg))
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
+        print(f"kuiper serve-inference: {exc}", file=sys.stderr)
+        return 1
