@@ -174,13 +174,13 @@ def test_fast_gguf_metadata_reader_equals_gguf_library(models, tmp_path):
     """Our header-only GGUF reader returns exactly what gguf.GGUFReader reads."""
     from gguf import GGUFReader
 
-    from tokenizer_service.gguf_vocab import _read_metadata
+    from kuiper_serve.common.gguf import read_gguf_metadata
 
     files = [models["gguf_llama"], build_bpe_gguf(models["hf"], tmp_path / "b.gguf", "qwen2")]
     for path in files:
         reader = GGUFReader(path)
         expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-        assert _read_metadata(path) == expected
+        assert read_gguf_metadata(path) == expected
         assert "tokenizer.ggml.tokens" in expected
 
 

@@ -13,7 +13,6 @@ the tokenizer the same way transformers' GGUF loader does, so both encode text i
 
 from __future__ import annotations
 
-import mmap
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,6 +21,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
+
+from kuiper_serve.common.gguf import read_gguf_metadata
 
 # llama.cpp token types (tokenizer.ggml.token_type).
 TOKEN_NORMAL = 1
@@ -118,72 +119,6 @@ class GGUFVocab:
     architecture: str | None
 
 
-# struct formats of GGUF's scalar value types (gguf.GGUFValueType numbering).
-_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
-_STRING, _ARRAY = 8, 9
-
-
-def _read_metadata(path: Path) -> dict[str, Any]:
-    """All key/value metadata of a little-endian GGUF file (v2/v3), tensors left unread.
-
-    gguf.GGUFReader also indexes every tensor and wraps each value in numpy memmaps, which
-    takes seconds for a 50k-token vocabulary; this walks only the header. Raises ValueError
-    on anything unexpected, and the caller falls back to GGUFReader.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version = struct.unpack_from("<4sI", buf, 0)
-        if magic != b"GGUF" or version not in (2, 3):
-            raise ValueError(f"unsupported GGUF header {magic!r} v{version}")
-        _, kv_count = struct.unpack_from("<QQ", buf, 8)
-        pos = 24
-
-        def string() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            pos += 8 + n
-            return buf[pos - n : pos].decode("utf-8", errors="replace")
-
-        def value(kind: int) -> Any:
-            nonlocal pos
-            if kind == _STRING:
-                return string()
-            if kind == _ARRAY:
-                item_kind, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if item_kind in _SCALARS:
-                    fmt = _SCALARS[item_kind]
-                    items = list(struct.unpack_from(f"<{count}{fmt}", buf, pos))
-                    pos += count * struct.calcsize(fmt)
-                    return items
-                return [value(item_kind) for _ in range(count)]
-            fmt = _SCALARS.get(kind)
-            if fmt is None:
-                raise ValueError(f"unknown GGUF value type {kind}")
-            (v,) = struct.unpack_from(f"<{fmt}", buf, pos)
-            pos += struct.calcsize(fmt)
-            return v
-
-        metadata = {}
-        for _ in range(kv_count):
-            key = string()
-            (kind,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            metadata[key] = value(kind)
-        return metadata
-
-
 def _read_metadata_with_gguf(path: Path) -> dict[str, Any]:
     from gguf import GGUFReader  # imported here: only GGUF models need it
 
@@ -194,8 +129,8 @@ def _read_metadata_with_gguf(path: Path) -> dict[str, Any]:
 def read_gguf_vocab(path: Path) -> GGUFVocab:
     """Read the tokenizer metadata of a GGUF file."""
     try:
-        metadata = _read_metadata(path)
-    except (ValueError, struct.error, OSError, UnicodeDecodeError):
+        metadata = read_gguf_metadata(path)
+    except (ValueError, struct.error, OSError):  # GGUFError is a ValueError
         try:  # big-endian or older files: the gguf library knows them all
             metadata = _read_metadata_with_gguf(path)
         except Exception as exc:  # the library raises ValueError/struct errors on bad files

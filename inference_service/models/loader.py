@@ -17,9 +17,9 @@ from inference_service.models.config import (
     config_from_gguf,
     config_from_hf,
 )
-from inference_service.models.gguf_io import GGUFTensor, read_gguf
 from inference_service.models.safetensors_io import bf16_to_f32, read_safetensors
 from inference_service.models.weights import check_weights, expected_shapes
+from kuiper_serve.common.gguf import GGUFError, GGUFTensor, read_gguf
 
 
 @dataclass
@@ -148,7 +148,10 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def load_gguf(path: Path) -> LoadedModel:
-    gf = read_gguf(path)
+    try:
+        gf = read_gguf(path)
+    except GGUFError as exc:
+        raise ModelLoadError(str(exc)) from None
     config = config_from_gguf(gf.metadata, has_output="output.weight" in gf.tensors)
     weights: dict[str, np.ndarray] = {}
     types: Counter[str] = Counter()
