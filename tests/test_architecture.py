@@ -246,22 +246,11 @@ def test_find_cycle_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
-SAMPLING_MOVED = (REPO / "inference_service" / "sampling").is_dir()
-NOT_YET = pytest.mark.xfail(
-    not SAMPLING_MOVED,
-    reason="issue 10: backends import engine's sampler until sampling/ leaves engine/ "
-    "(arch-model); strict once inference_service/sampling exists",
-    strict=False,
-)
-
-
-@NOT_YET
 def test_no_cycles_between_inference_subpackages():
     cycle = find_cycle(inference_graph())
     assert cycle is None, "package cycle: " + " -> ".join(cycle)
 
 
-@NOT_YET
 def test_backends_do_not_import_the_engine():
     wrong = [
         str(e)
