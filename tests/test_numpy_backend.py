@@ -148,7 +148,7 @@ def test_kv_sizing(tiny):
     _, model, _ = tiny
     c = model.config
     backend = NumpyBackend(model, num_blocks=3, block_size=BLOCK)
-    pool = sum(a.nbytes for a in backend.k_cache + backend.v_cache)
+    pool = sum(a.nbytes for a in backend.kv.k + backend.kv.v)
     assert pool == 3 * kv_bytes_per_block(c, BLOCK)
     per = kv_bytes_per_block(c, 16)
     sized = create_backend(model, "cpu", kv_memory_bytes=10 * per + 5)

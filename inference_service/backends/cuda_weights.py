@@ -1,15 +1,19 @@
 """Host-side packing of a model's weights for the CUDA backend: bf16 conversion and the layout
-of the one device weight arena (fused q|k|v and gate|up per layer, norms and biases in fp32).
+of the one device weight arena (the fused layout of models/layout.py: bf16 matrices, norms and
+biases in fp32).
 No device needed; the backend copies each tensor to arena + offset."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from inference_service.models.config import ModelConfig
+from inference_service.models.layout import fuse, model_tensors
 
 ALIGN = 256  # bytes: every tensor starts 256-aligned (128-bit loads, cp.async)
 _CHUNK = 1 << 22  # elements converted at a time (bounds the temporaries of big tensors)
@@ -55,45 +59,14 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 def plan_arena(c: ModelConfig, w: Mapping[str, np.ndarray]) -> tuple[list[ArenaEntry], int]:
-    """Entries (in upload order) and total bytes of the weight arena."""
-    items: list[tuple[str, int, Callable[[], np.ndarray]]] = []
-
-    def bf16(name: str, parts: list[str], n_elems: int) -> None:
-        def build() -> np.ndarray:
-            if len(parts) == 1:
-                return to_bf16_bits(w[parts[0]])
-            return np.concatenate([to_bf16_bits(w[p]) for p in parts], axis=0)
-
-        items.append((name, 2 * n_elems, build))
-
-    def f32(name: str, parts: list[str], n_elems: int) -> None:
-        items.append((name, 4 * n_elems, lambda: _f32(np.concatenate([_f32(w[p]) for p in parts]))))
-
-    hid, inter = c.hidden_size, c.intermediate_size
-    qkv = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-    qd = c.num_heads * c.head_dim
-    bf16("embed", ["model.embed_tokens.weight"], c.vocab_size * hid)
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        f32(f"L{i}.attn_norm", [p + "input_layernorm.weight"], hid)
-        bf16(
-            f"L{i}.wqkv", [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], qkv * hid
-        )
-        if c.attention_bias:
-            f32(f"L{i}.bqkv", [a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"], qkv)
-        bf16(f"L{i}.wo", [a + "o_proj.weight"], hid * qd)
-        f32(f"L{i}.mlp_norm", [p + "post_attention_layernorm.weight"], hid)
-        bf16(f"L{i}.wgu", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], 2 * inter * hid)
-        bf16(f"L{i}.wd", [p + "mlp.down_proj.weight"], hid * inter)
-    f32("final_norm", ["model.norm.weight"], hid)
-    if not c.tie_word_embeddings:
-        bf16("lm_head", ["lm_head.weight"], c.vocab_size * hid)
-
+    """Entries (in upload order) and total bytes of the weight arena: the tensors of the fused
+    layout (models/layout.py), matrices as bf16, norms and biases as fp32."""
     entries: list[ArenaEntry] = []
     off = 0
-    for name, nbytes, build in items:
-        entries.append(ArenaEntry(name, off, nbytes, build))
+    for t in model_tensors(c):
+        convert, itemsize = (to_bf16_bits, 2) if t.is_matrix else (_f32, 4)
+        nbytes = itemsize * math.prod(t.shape)
+        entries.append(ArenaEntry(t.name, off, nbytes, partial(fuse, t, w, convert)))
         off += -(-nbytes // ALIGN) * ALIGN
     return entries, off
 
