@@ -47,6 +47,27 @@ function usageError(message) {
   return 2;
 }
 
+/**
+ * The object `kuiper generate --json` prints, field for field: snake_case, finish_reason in
+ * lower case ("length"), usage null when the server sent none.
+ * @param {number[]} ids @param {string} text @param {string} finishReason
+ * @param {import('../src').Usage | null} usage
+ */
+function jsonResult(ids, text, finishReason, usage) {
+  return {
+    token_ids: ids,
+    text,
+    finish_reason: finishReason.toLowerCase(),
+    usage: usage && {
+      prompt_tokens: usage.promptTokens,
+      completion_tokens: usage.completionTokens,
+      time_to_first_token_s: usage.timeToFirstTokenS,
+      queue_time_s: usage.queueTimeS,
+      cached_prompt_tokens: usage.cachedPromptTokens,
+    },
+  };
+}
+
 async function main() {
   let parsed;
   try {
@@ -90,8 +111,7 @@ async function main() {
       if (chunk.finishReason) {
         const u = chunk.usage;
         if (values.json) {
-          const out = { token_ids: ids, text, finish_reason: chunk.finishReason, usage: u };
-          console.log(JSON.stringify(out));
+          console.log(JSON.stringify(jsonResult(ids, text, chunk.finishReason, u)));
         } else {
           console.error(
             `\n[${chunk.finishReason}: ${u?.promptTokens} prompt + ${u?.completionTokens} ` +

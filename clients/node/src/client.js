@@ -131,13 +131,17 @@ class KuiperClient {
     this.inferenceAddress = inferenceAddress;
     this.tokenizerAddress = tokenizerAddress;
     this.deadlineMs = deadlineMs;
+    /** @private */
     this._token = token;
-    this._samplingFields = new Set(
-      protos.definition['kuiper.v1.SamplingParams'].type.field.map((/** @type {any} */ f) => f.name),
-    );
+    const samplingType = /** @type {any} */ (protos.definition['kuiper.v1.SamplingParams']).type;
+    /** @private */
+    this._samplingFields = new Set(samplingType.field.map((/** @type {any} */ f) => f.name));
     const creds = makeCredentials(tls);
+    /** @private */
     this._inference = new protos.v1.InferenceService(inferenceAddress, creds, channelOptions);
+    /** @private */
     this._tokenizer = new protos.v1.TokenizerService(tokenizerAddress, creds, channelOptions);
+    /** @private */
     this._health = {
       inference: new protos.health.Health(inferenceAddress, creds, channelOptions),
       tokenizer: new protos.health.Health(tokenizerAddress, creds, channelOptions),
@@ -263,6 +267,17 @@ class KuiperClient {
   }
 
   /**
+   * Open a DecodeStream: incremental detokenization of one or many sequences over one
+   * bidirectional call (what a server streaming tokens does). See {@link DecodeStream}.
+   * @param {CallOptions} [options] the deadline covers the whole stream
+   * @returns {DecodeStream}
+   */
+  decodeStream(options = {}) {
+    const call = this._tokenizer.decodeStream(this._metadata(), this._callOptions(options));
+    return new DecodeStream(call, options.signal);
+  }
+
+  /**
    * Render chat messages with the model's template (without generating).
    * @param {ChatMessage[]} messages
    * @param {{addGenerationPrompt?: boolean} & CallOptions} [options]
@@ -349,7 +364,7 @@ class KuiperClient {
 
   // ---- internals ----------------------------------------------------------------------
 
-  /** @param {SamplingParams} sampling */
+  /** @private @param {SamplingParams} sampling */
   _sampling(sampling) {
     if (sampling === null || typeof sampling !== 'object') {
       throw new TypeError('sampling must be an object of SamplingParams');
@@ -368,13 +383,14 @@ class KuiperClient {
     return out;
   }
 
+  /** @private */
   _metadata() {
     const md = new grpc.Metadata();
     if (this._token) md.set('authorization', `Bearer ${this._token}`);
     return md;
   }
 
-  /** @param {CallOptions} options */
+  /** @private @param {CallOptions} options */
   _callOptions(options) {
     const ms = options.deadlineMs ?? this.deadlineMs;
     return ms && Number.isFinite(ms) && ms > 0 ? { deadline: Date.now() + ms } : {};
@@ -386,6 +402,7 @@ class KuiperClient {
    * @param {object} request
    * @param {CallOptions} options
    * @returns {Promise<any>}
+   * @private
    */
   _unary(client, method, request, options) {
     return new Promise((resolve, reject) => {
@@ -410,6 +427,7 @@ class KuiperClient {
    * @param {object} request
    * @param {CallOptions} options
    * @returns {AsyncGenerator<GenerateChunk, void, undefined>}
+   * @private
    */
   async *_stream(method, request, options) {
     const call = this._inference[method](request, this._metadata(), this._callOptions(options));
@@ -427,6 +445,134 @@ class KuiperClient {
       call.on('error', () => {});
       call.cancel();
     }
+  }
+}
+
+/**
+ * New ids of one sequence for {@link DecodeStream#send} (kuiper.v1.SequenceIds).
+ * @typedef {object} SequenceIds
+ * @property {number | string | bigint} sequenceId caller-chosen key (uint64); a new key opens a sequence
+ * @property {number[]} [ids] ids generated since this sequence's previous message
+ * @property {number[]} [contextIds] only read when the sequence opens: ids before the streamed
+ *   ones (usually the prompt), giving the first streamed ids their context (e.g. a leading space)
+ * @property {boolean} [skipSpecialTokens] only read when the sequence opens
+ * @property {boolean} [finished] last message of this sequence: flush held-back bytes, free it
+ */
+
+/**
+ * Text one sequence gained (kuiper.v1.SequenceDelta); sequenceId as a decimal string.
+ * @typedef {{sequenceId: string, text: string}} SequenceDelta
+ */
+
+/**
+ * A DecodeStream call: each `send` writes one request and resolves with its response (the
+ * server answers every request, in order). A text delta never ends inside a UTF-8 character;
+ * the deltas of a sequence concatenate to `decode()` of all its ids. Errors (an id outside the
+ * vocabulary, a deadline) reject the pending and every later `send` with a KuiperError.
+ */
+class DecodeStream {
+  /** @param {any} call a grpc-js ClientDuplexStream @param {AbortSignal} [signal] */
+  constructor(call, signal) {
+    /** @private */
+    this._call = call;
+    /** @private @type {{resolve: (d: SequenceDelta[]) => void, reject: (e: Error) => void}[]} */
+    this._pending = [];
+    /** @private @type {Error | null} */
+    this._error = null;
+    /** @private @type {Set<string>} */
+    this._open = new Set();
+    call.on('data', (/** @type {any} */ msg) => this._pending.shift()?.resolve(msg.deltas));
+    call.on('error', (/** @type {any} */ err) => this._fail(toKuiperError(err)));
+    call.on('end', () => this._fail(new Error('the tokenizer service ended the DecodeStream')));
+    /** @private */
+    this._signal = signal;
+    /** @private */
+    this._onAbort = () => call.cancel();
+    if (signal?.aborted) call.cancel();
+    else signal?.addEventListener('abort', this._onAbort, { once: true });
+  }
+
+  /** @private @param {Error} err */
+  _fail(err) {
+    /** @private */
+    this._error ??= err;
+    for (const p of this._pending.splice(0)) p.reject(this._error);
+    this._signal?.removeEventListener('abort', this._onAbort);
+  }
+
+  /**
+   * Send the new ids of any number of sequences; resolves with one delta per sequence, in order.
+   * @param {SequenceIds[]} sequences
+   * @returns {Promise<SequenceDelta[]>}
+   */
+  send(sequences) {
+    if (!Array.isArray(sequences)) throw new TypeError('send() takes an array of SequenceIds');
+    const request = {
+      sequences: sequences.map((s) => {
+        checkInteger('sequenceId', s.sequenceId, INTEGER_RANGES.seed); // uint64
+        return {
+          sequenceId: String(s.sequenceId),
+          ids: checkIds(s.ids ?? [], 'ids'),
+          contextIds: checkIds(s.contextIds ?? [], 'contextIds'),
+          skipSpecialTokens: !!s.skipSpecialTokens,
+          finished: !!s.finished,
+        };
+      }),
+    };
+    if (this._error) return Promise.reject(this._error);
+    return new Promise((resolve, reject) => {
+      this._pending.push({ resolve, reject });
+      this._call.write(request);
+    });
+  }
+
+  /**
+   * One sequence's next ids (→ its text delta). The first call for a sequence opens it with
+   * `contextIds` and `skipSpecialTokens`; `finished` flushes and closes it.
+   * @param {number[]} ids
+   * @param {{sequenceId?: number | string | bigint, contextIds?: number[],
+   *   skipSpecialTokens?: boolean, finished?: boolean}} [options] sequenceId defaults to 1
+   * @returns {Promise<string>}
+   */
+  async push(ids, options = {}) {
+    const key = String(options.sequenceId ?? 1);
+    const opening = !this._open.has(key);
+    const seq = {
+      sequenceId: key,
+      ids,
+      contextIds: opening ? options.contextIds : undefined,
+      skipSpecialTokens: opening ? options.skipSpecialTokens : undefined,
+      finished: options.finished,
+    };
+    if (options.finished) this._open.delete(key);
+    else this._open.add(key);
+    const [delta] = await this.send([seq]);
+    return delta.text;
+  }
+
+  /**
+   * Close a sequence: flush bytes held back for an incomplete character (→ that text).
+   * @param {{sequenceId?: number | string | bigint, ids?: number[]}} [options]
+   * @returns {Promise<string>}
+   */
+  finish(options = {}) {
+    return this.push(options.ids ?? [], { sequenceId: options.sequenceId, finished: true });
+  }
+
+  /** End the call (after the pending sends are answered). */
+  async close() {
+    if (this._error) return;
+    const ended = new Promise((resolve) => {
+      this._call.on('end', resolve);
+      this._call.on('error', resolve);
+    });
+    this._call.end();
+    await ended;
+  }
+
+  /** Cancel the call at once; pending and later sends reject with CANCELLED. */
+  cancel() {
+    this._call.cancel();
   }
 }
 
@@ -489,7 +635,15 @@ function checkSamplingRange(key, value) {
     return;
   }
   const range = INTEGER_RANGES[/** @type {keyof typeof INTEGER_RANGES} */ (key)];
-  if (!range) return;
+  if (range) checkInteger(key, value, range);
+}
+
+/**
+ * Throw a RangeError naming `name` unless `value` is an integer (number, bigint or decimal
+ * string) in [lo, hi].
+ * @param {string} name @param {any} value @param {bigint[]} range
+ */
+function checkInteger(name, value, [lo, hi]) {
   let n = null;
   try {
     if (typeof value === 'bigint' || Number.isInteger(value)) n = BigInt(value);
@@ -497,8 +651,8 @@ function checkSamplingRange(key, value) {
   } catch {
     n = null;
   }
-  if (n === null || n < range[0] || n > range[1]) {
-    throw new RangeError(`${key} must be an integer in [${range[0]}, ${range[1]}], got ${value}`);
+  if (n === null || n < lo || n > hi) {
+    throw new RangeError(`${name} must be an integer in [${lo}, ${hi}], got ${value}`);
   }
 }
 
@@ -528,4 +682,4 @@ function checkMessages(messages) {
   return messages.map((m) => ({ role: m.role, content: m.content }));
 }
 
-module.exports = { KuiperClient, collect };
+module.exports = { KuiperClient, DecodeStream, collect };

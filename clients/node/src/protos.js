@@ -29,13 +29,15 @@ const LOADER_OPTIONS = {
  * @returns {string}
  */
 function findProtoDir(protoDir) {
-  const candidates = protoDir
-    ? [protoDir]
-    : [
-        process.env.KUIPER_PROTO_DIR,
-        path.resolve(__dirname, '..', '..', '..', 'protos'),
-        path.resolve(__dirname, '..', 'protos'),
-      ].filter(Boolean);
+  const candidates = /** @type {string[]} */ (
+    protoDir
+      ? [protoDir]
+      : [
+          process.env.KUIPER_PROTO_DIR,
+          path.resolve(__dirname, '..', '..', '..', 'protos'),
+          path.resolve(__dirname, '..', 'protos'),
+        ].filter(Boolean)
+  );
   for (const dir of candidates) {
     if (fs.existsSync(path.join(dir, PROTO_FILES[0]))) return path.resolve(dir);
   }
@@ -62,8 +64,8 @@ function loadProtos(protoDir) {
       includeDirs: [HEALTH_DIR],
     });
     loaded = {
-      v1: grpc.loadPackageDefinition(definition).kuiper.v1,
-      health: grpc.loadPackageDefinition(healthDef).grpc.health.v1,
+      v1: /** @type {any} */ (grpc.loadPackageDefinition(definition)).kuiper.v1,
+      health: /** @type {any} */ (grpc.loadPackageDefinition(healthDef)).grpc.health.v1,
       definition,
       protoDir: dir,
     };

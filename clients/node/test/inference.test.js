@@ -6,6 +6,8 @@
 const { before, after, describe, it } = require('node:test');
 const assert = require('node:assert/strict');
 const { execFileSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 const { KuiperClient, KuiperError, status } = require('../src');
 const { cliCommands, makeModelDir, pythonExe, pythonJson, startServer } = require('./harness');
@@ -125,7 +127,41 @@ describe('inference service through the Node client', { skip }, () => {
       const theirs = JSON.parse(out.trim().split('\n').pop() || '{}');
       // --json has no ignore_eos flag: compare up to where the Python run stopped.
       assert.deepEqual(ours.tokenIds.slice(0, theirs.token_ids.length), theirs.token_ids);
+
+      // examples/generate.js --json prints the same object, key for key.
+      const example = execFileSync(
+        process.execPath,
+        [path.join(__dirname, '..', 'examples', 'generate.js'), '--address', inference.address,
+          '--max-new-tokens', '8', '--temperature', '0', '--json', 'once upon a time'],
+        { encoding: 'utf8' },
+      );
+      const node = JSON.parse(example.trim());
+      assert.deepEqual(Object.keys(node).sort(), Object.keys(theirs).sort());
+      assert.deepEqual(Object.keys(node.usage).sort(), Object.keys(theirs.usage).sort());
+      assert.deepEqual(node.token_ids, theirs.token_ids);
+      assert.equal(node.text, theirs.text);
+      assert.equal(node.finish_reason, theirs.finish_reason);
+      assert.match(node.finish_reason, /^(length|stop|eos)$/);
+      assert.equal(node.usage.completion_tokens, theirs.usage.completion_tokens);
     });
+  });
+
+  it('runs the README API example as written', () => {
+    const readme = fs.readFileSync(path.join(__dirname, '..', 'README.md'), 'utf8');
+    const block = readme.split('## API')[1].match(/```js\n([\s\S]*?)```/);
+    assert.ok(block, 'README.md has a js block under ## API');
+    // Ids mean something for one vocabulary only: the example gets them from encode.
+    assert.doesNotMatch(block[1], /\[\s*\d+\s*,\s*\d+/, 'no hand-typed id lists');
+    const script = block[1]
+      .replace("require('@kuiper/client')", `require(${JSON.stringify(path.join(__dirname, '..', 'src'))})`)
+      .replace("'localhost:50051'", JSON.stringify(inference.address))
+      .replace("'localhost:50052'", JSON.stringify(tokenizer.address));
+    const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'kuiper-readme-')), 'example.js');
+    fs.writeFileSync(file, script);
+    const out = execFileSync(process.execPath, [file], { encoding: 'utf8', timeout: 60_000 });
+    assert.match(out, /\[LENGTH\]/);
+    assert.match(out, /^true \d+$/m, 'DecodeStream text equals decode()');
+    assert.match(out, /INVALID_ARGUMENT /);
   });
 
   it('stops at a stop token id and reports STOP', async () => {

@@ -115,6 +115,60 @@ describe('tokenizer service through the Node client', { skip }, () => {
     assert.equal(await client.decode(ids), 'still here');
   });
 
+  it('decodeStream: one id at a time joins to the library decoding, never splitting a character', async () => {
+    for (const text of ['naïve 你好 🙂 ok', ...texts.slice(0, 20)]) {
+      const ids = await client.encode(text, { addSpecialTokens: false });
+      const stream = client.decodeStream();
+      const deltas = [];
+      for (const id of ids) deltas.push(await stream.push([id]));
+      deltas.push(await stream.finish());
+      await stream.close();
+      const oracle = pythonJson([ORACLE], { dir: modelDir, decode: [[ids, false]] }).decode[0];
+      assert.equal(deltas.join(''), oracle);
+      for (const d of deltas) assert.ok(!d.includes('\uFFFD'), `a delta split a character: ${JSON.stringify(deltas)}`);
+    }
+  });
+
+  it('decodeStream multiplexes sequences and uses context ids', async () => {
+    const [a, b] = await client.encode(['hello world', 'ça va 🙂'], { addSpecialTokens: false });
+    const stream = client.decodeStream();
+    const got = { 7: '', '18446744073709551615': '' };
+    const steps = Math.max(a.length, b.length);
+    for (let i = 0; i < steps; i++) {
+      const deltas = await stream.send([
+        { sequenceId: 7, ids: a.slice(i, i + 1), finished: i === steps - 1 },
+        { sequenceId: 2n ** 64n - 1n, ids: b.slice(i, i + 1), finished: i === steps - 1 },
+      ]);
+      assert.deepEqual(deltas.map((d) => d.sequenceId), ['7', '18446744073709551615']);
+      got[7] += deltas[0].text;
+      got['18446744073709551615'] += deltas[1].text;
+    }
+    const oracle = pythonJson([ORACLE], { dir: modelDir, decode: [[a, false], [b, false]] }).decode;
+    assert.deepEqual([got[7], got['18446744073709551615']], oracle);
+    // Context: ' world' after 'hello' streams as the tail of decode('hello world').
+    const tail = await stream.push(a.slice(1), { sequenceId: 9, contextIds: a.slice(0, 1) });
+    const whole = pythonJson([ORACLE], { dir: modelDir, decode: [[a, false], [a.slice(0, 1), false]] }).decode;
+    assert.equal(tail + (await stream.finish({ sequenceId: 9 })), whole[0].slice(whole[1].length));
+    await stream.close();
+    assert.throws(() => stream.send([{ sequenceId: -1, ids: [] }]), /sequenceId must be an integer/);
+  });
+
+  it('decodeStream: a bad id fails the stream with INVALID_ARGUMENT, later sends too', async () => {
+    const info = await client.tokenizerInfo();
+    const stream = client.decodeStream();
+    const isInvalid = (/** @type {any} */ err) => {
+      assert.ok(err instanceof KuiperError, `expected a KuiperError, got ${err}`);
+      assert.equal(err.codeName, 'INVALID_ARGUMENT');
+      assert.match(err.details, new RegExp(String(info.vocabSize)));
+      return true;
+    };
+    await assert.rejects(stream.push([info.vocabSize]), isInvalid);
+    await assert.rejects(stream.push([1]), isInvalid);
+    const fresh = client.decodeStream(); // the service itself is fine
+    assert.equal((await fresh.push(await client.encode('ok', { addSpecialTokens: false }))) + (await fresh.finish()), 'ok');
+    await fresh.close();
+  });
+
   it('reports SERVING health and surfaces UNAVAILABLE for a dead address', async () => {
     assert.equal(await client.health('tokenizer'), 'SERVING');
     const dead = new KuiperClient({ tokenizerAddress: '127.0.0.1:1', deadlineMs: 2000 });
