@@ -104,10 +104,6 @@ class OutputRouter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    @property
-    def num_live(self) -> int:
-        return len(self._live)
-
     def register(
         self, request_id: int, prompt_ids: list[int], stops: tuple[str, ...]
     ) -> LiveRequest:

@@ -154,7 +154,6 @@ class DecodeStreamMux:
         self._waiters: deque[tuple[asyncio.Future, int]] = deque()
         self._lock = asyncio.Lock()
         self.epoch = 0  # bumped whenever the stream is replaced
-        self.messages_sent = 0
 
     def _error(self, exc: BaseException) -> Exception:
         if isinstance(exc, grpc.aio.AioRpcError):
@@ -236,7 +235,6 @@ class DecodeStreamMux:
                     fut.set_exception(error)
                 fut.exception()  # retrieved: the caller gets the raise below instead
                 raise error from None
-            self.messages_sent += 1
             return fut
 
     async def decode(self, sequences: list[tpb.SequenceIds]) -> list[str]:

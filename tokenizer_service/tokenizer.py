@@ -257,11 +257,6 @@ class HFTokenizer(Tokenizer):
                 i for t, i in tok.get_vocab(with_added_tokens=False).items() if _BYTE_TOKEN.match(t)
             )
 
-    @property
-    def hf_tokenizer(self) -> Any:
-        """The underlying `tokenizers.Tokenizer`."""
-        return self._tok
-
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
