@@ -1,11 +1,13 @@
-"""argparse helpers shared by several `kuiper` commands: security and sampling flags."""
+"""argparse helpers shared by several `kuiper` commands: security, address, model, engine and
+sampling flags."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from kuiper_serve.common.defaults import AUTH_TOKEN_ENV, INFERENCE_GRACE_S
+from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS
+from kuiper_serve.common.defaults import AUTH_TOKEN_ENV, INFERENCE_ADDRESS, INFERENCE_GRACE_S
 
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,18 +39,26 @@ def add_client_security_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 0) -> None:
-    """The sampling flags shared by generate and chat."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help="tokens to generate at most (0: server default)")  # fmt: skip
+def add_inference_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=INFERENCE_ADDRESS,
+        help=f"inference service host:port (default {INFERENCE_ADDRESS})",
+    )
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The sampling flags of generate and chat; unset ones leave the server's defaults."""
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help=f"tokens to generate at most (0: default, {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="default 1.0 (off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default 1.0 (off)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -66,10 +76,12 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(
+    p: argparse.ArgumentParser,
+    device_help: str = "auto (default): cuda when a GPU and pycuda exist, else cpu",
+) -> None:
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto (default): cuda when a GPU and pycuda exist, else cpu")  # fmt: skip
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=device_help)
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:

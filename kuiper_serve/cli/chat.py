@@ -7,9 +7,13 @@ import sys
 
 from kuiper_client.client import KuiperClient, KuiperError, sampling_params
 
-from kuiper_serve.cli.args import add_client_security_arguments, add_sampling_flags, sampling_kwargs
+from kuiper_serve.cli.args import (
+    add_client_security_arguments,
+    add_inference_address,
+    add_sampling_flags,
+    sampling_kwargs,
+)
 from kuiper_serve.cli.remote import explain, open_client, stream_to
-from kuiper_serve.common.defaults import INFERENCE_ADDRESS
 
 
 def register(subparsers) -> None:
@@ -19,11 +23,7 @@ def register(subparsers) -> None:
         description="Each line on standard input is a user turn; the answer streams back and "
         "the conversation history is kept. Works piped; ends at EOF (or /exit).",
     )
-    p.add_argument(
-        "--address",
-        default=INFERENCE_ADDRESS,
-        help=f"inference service host:port (default {INFERENCE_ADDRESS})",
-    )
+    add_inference_address(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument(
         "--timeout", type=float, default=None, help="deadline per answer, seconds (0: none)"

@@ -9,7 +9,13 @@ import sys
 from kuiper_client.client import GenerateChunk, KuiperError
 
 from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS, SamplingParams
-from kuiper_serve.cli.args import add_client_security_arguments, sampling_kwargs
+from kuiper_serve.cli.args import (
+    add_client_security_arguments,
+    add_inference_address,
+    add_model_flags,
+    add_sampling_flags,
+    sampling_kwargs,
+)
 from kuiper_serve.cli.remote import explain, open_client, stream_to
 from kuiper_serve.common.defaults import INFERENCE_ADDRESS
 
@@ -27,28 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="prompt text ('-' reads standard input, less one trailing newline)",
     )
     p.add_argument("--local", action="store_true", help="run the model in this process")
-    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="--local: where to run (auto: cuda if present, else cpu)")  # fmt: skip
-    p.add_argument(
-        "--address",
-        default=INFERENCE_ADDRESS,
-        help=f"inference service host:port (default {INFERENCE_ADDRESS})",
-    )
+    add_model_flags(p, device_help="--local: where to run (auto: cuda if present, else cpu)")
+    add_inference_address(p)
     p.add_argument(
         "--timeout", type=float, default=None, help="served: deadline in seconds (0: none)"
     )
     add_client_security_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=0,
-                   help=f"tokens to generate at most (0: default, {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=None, help="default 1.0 (off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=None, help="default 1.0 (off)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    add_sampling_flags(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with token_ids and text at the end")  # fmt: skip
     p.set_defaults(func=cmd_generate)

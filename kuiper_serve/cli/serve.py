@@ -22,7 +22,7 @@ def register(subparsers) -> None:
         "serve-inference",
         help="run the inference service (needs a tokenizer service)",
         description="Serve kuiper.v1.InferenceService over gRPC. The tokenizer service is "
-        "reached at --tokenizer-address (env KUIPER_TOKENIZER_ADDRESS).",
+        f"reached at --tokenizer-address (env {TOKENIZER_ADDRESS_ENV}).",
     )
     add_model_flags(p)
     p.add_argument("--host", default=DEFAULT_HOST,
