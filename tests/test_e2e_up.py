@@ -95,6 +95,20 @@ def test_every_server_command_listens_on_this_machine_only_by_default():
         assert parser.parse_args([command]).host == "127.0.0.1", command
 
 
+def test_version_is_the_installed_distributions(capsys):
+    import tomllib
+    from pathlib import Path
+
+    from kuiper_serve.cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    version = tomllib.loads(pyproject.read_text())["project"]["version"]
+    assert capsys.readouterr().out.strip() == f"kuiper-serve {version}"
+
+
 @pytest.mark.parametrize("flag", ["--port", "--tokenizer-port", "--metrics-port"])
 def test_up_refuses_a_port_in_use_in_one_line(flag, capsys):
     # Without the check, a tokenizer already on --tokenizer-port answered the health check,
