@@ -11,6 +11,8 @@ import grpc
 import pytest
 from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
+from kuiper.v1 import tokenizer_pb2 as tpb
+from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
 from kuiper_client import AsyncKuiperClient, KuiperClient, KuiperError
 
 
@@ -232,3 +234,154 @@ def test_cli_chat_refuses_a_flag_the_request_cannot_carry_once(server, capsys, m
     assert out.err.strip().startswith("kuiper chat: INVALID_ARGUMENT: seed must be")
     assert len(out.err.strip().splitlines()) == 1 and out.out == ""
     assert servicer.requests == []
+
+
+# ---- the tokenizer side: addresses, str vs list, DecodeStream, health -------------------------
+
+
+class ScriptedTokenizer(tgrpc.TokenizerServiceServicer):
+    """Ids are code points; ids >= 1000 are outside the 'vocabulary'."""
+
+    def __init__(self):
+        self.requests: list = []
+
+    def Encode(self, request, context):
+        self.requests.append(request)
+        return tpb.EncodeResponse(
+            results=[tpb.TokenIds(ids=[ord(c) for c in t]) for t in request.texts]
+        )
+
+    def Decode(self, request, context):
+        self.requests.append(request)
+        return tpb.DecodeResponse(texts=["".join(map(chr, s.ids)) for s in request.sequences])
+
+    def DecodeStream(self, request_iterator, context):
+        for req in request_iterator:
+            self.requests.append(req)
+            for s in req.sequences:
+                if any(i >= 1000 for i in s.ids):
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"id out of range in {s.sequence_id}"
+                    )
+            yield tpb.DecodeStreamResponse(
+                deltas=[tpb.SequenceDelta(sequence_id=s.sequence_id, text="".join(map(chr, s.ids)))
+                        for s in req.sequences]
+            )  # fmt: skip
+
+
+@pytest.fixture
+def tokenizer_server():
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = ScriptedTokenizer()
+    srv = grpc.server(futures.ThreadPoolExecutor(4))
+    tgrpc.add_TokenizerServiceServicer_to_server(servicer, srv)
+    checker = health.HealthServicer()
+    checker.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    yield servicer, f"127.0.0.1:{port}", checker
+    srv.stop(0)
+
+
+@pytest.mark.parametrize(
+    "address, tokenizer",
+    [
+        ("localhost:50051", "localhost:50052"),
+        ("gpu-box.example:7000", "gpu-box.example:50052"),  # the same host, not localhost
+        ("10.1.2.3:50051", "10.1.2.3:50052"),
+        ("[::1]:50051", "[::1]:50052"),
+        ("dns:///svc.ns:50051", "dns:///svc.ns:50052"),
+        ("unix:/run/kuiper.sock", "localhost:50052"),
+    ],
+)
+def test_the_tokenizer_address_follows_the_inference_host(address, tokenizer):
+    from kuiper_client import tokenizer_address_for
+
+    assert tokenizer_address_for(address) == tokenizer
+    client = KuiperClient(address)
+    try:
+        assert client.tokenizer_address == tokenizer
+        assert (
+            KuiperClient(address, tokenizer_address="elsewhere:1").tokenizer_address
+            == "elsewhere:1"
+        )
+    finally:
+        client.close()
+
+
+def test_encode_and_decode_take_one_item_or_a_batch(tokenizer_server):
+    servicer, address, _ = tokenizer_server
+    with KuiperClient("127.0.0.1:1", tokenizer_address=address, timeout=10) as client:
+        assert client.encode("hi") == [104, 105]  # one text, not one request per character
+        assert list(servicer.requests[-1].texts) == ["hi"]
+        assert client.encode(["hi", "yo"]) == [[104, 105], [121, 111]]
+        assert client.decode([104, 105]) == "hi"
+        assert client.decode([[104], [105]]) == ["h", "i"]
+        assert client.decode([]) == ""
+        for bad in (lambda: client.encode(["ok", 5]), lambda: client.decode("hi"),
+                    lambda: client.decode([1, -1])):  # fmt: skip
+            with pytest.raises(KuiperError) as err:
+                bad()
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    async def run():
+        async with AsyncKuiperClient("127.0.0.1:1", tokenizer_address=address) as client:
+            return await client.encode("hi"), await client.decode([[104], [105]])
+
+    assert asyncio.run(run()) == ([104, 105], ["h", "i"])
+
+
+def test_decode_stream_sends_context_once_and_fails_for_good(tokenizer_server):
+    from kuiper_client import SequenceIds
+
+    servicer, address, _ = tokenizer_server
+    with KuiperClient("127.0.0.1:1", tokenizer_address=address, timeout=10) as client:
+        with client.decode_stream() as stream:
+            assert stream.push([104], context_ids=[1, 2]) == "h"
+            assert stream.push([105], context_ids=[1, 2]) == "i"
+            assert stream.finish() == ""
+            deltas = stream.send([SequenceIds(7, [97]), SequenceIds(2**64 - 1, [98])])
+            assert [(d.sequence_id, d.text) for d in deltas] == [(7, "a"), (2**64 - 1, "b")]
+            sent = [s for r in servicer.requests for s in r.sequences]
+            assert list(sent[0].context_ids) == [1, 2] and list(sent[1].context_ids) == []
+            assert sent[2].finished
+            with pytest.raises(KuiperError) as first:
+                stream.push([5000], sequence_id=3)
+            assert first.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(KuiperError) as later:
+                stream.push([1])
+            assert later.value is first.value
+        with pytest.raises(KuiperError):  # refused before the call: uint64
+            client.decode_stream().send([SequenceIds(-1)])
+
+    async def run():
+        client = AsyncKuiperClient("127.0.0.1:1", tokenizer_address=address)
+        async with client, client.decode_stream() as stream:
+            text = await stream.push([104]) + await stream.finish([105])
+            with pytest.raises(KuiperError) as err:
+                await stream.push([5000])
+            return text, err.value.code
+
+    assert asyncio.run(run()) == ("hi", grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_health_and_wait_until_serving(tokenizer_server):
+    from grpc_health.v1 import health_pb2
+
+    _, address, checker = tokenizer_server
+    with KuiperClient("127.0.0.1:1", tokenizer_address=address, timeout=5) as client:
+        assert client.health("tokenizer") == "NOT_SERVING"
+        with pytest.raises(KuiperError) as err:
+            client.wait_until_serving(timeout=0.3, servers=["tokenizer"])
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "NOT_SERVING" in str(
+            err.value
+        )
+        checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        client.wait_until_serving(timeout=5, servers=["tokenizer"])
+        with pytest.raises(KuiperError) as err:
+            client.health("inference", timeout=1)  # nothing listens at 127.0.0.1:1
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ValueError):
+            client.health("gpu")

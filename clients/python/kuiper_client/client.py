@@ -1,22 +1,26 @@
 """Typed Python clients for kuiper-serve: `KuiperClient` (blocking) and `AsyncKuiperClient`.
 
-Both stream Generate/Chat as `GenerateChunk`s, take a deadline per call (`timeout`, seconds),
-retry on UNAVAILABLE while no token has arrived yet (the server was starting, draining or
-briefly unreachable), and raise `KuiperError` (with the gRPC status code) otherwise.
-Encode/Decode go to the tokenizer service (`tokenizer_address`). `tls_ca` / `tls` connect
-with TLS, `token` sends the bearer token a server started with --auth-token requires (the
-same settings serve both services).
+They cover every RPC of both services: Generate, Chat and GetModelInfo on the inference
+service; Encode, Decode, DecodeStream, ApplyChatTemplate and GetTokenizerInfo on the tokenizer
+service (`tokenizer_address`, by default port 50052 on the inference service's host); and
+grpc.health.v1 on both. Generate/Chat stream `GenerateChunk`s. Every call takes a deadline
+(`timeout`, seconds), retries on UNAVAILABLE while nothing has arrived yet (the server was
+starting, draining or briefly unreachable), and raises `KuiperError` (with the gRPC status
+code) otherwise. `tls_ca` / `tls` connect with TLS, `token` sends the bearer token a server
+started with --auth-token requires (the same settings serve both services).
+
+Only grpcio, protobuf and the kuiper.v1 stubs are imported: this package installs alone
+(`pip install ./clients/python`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import operator
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import grpc
 from kuiper.v1 import inference_pb2 as ipb
@@ -24,7 +28,29 @@ from kuiper.v1 import inference_pb2_grpc as igrpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
 
-from kuiper_client.channel import DEFAULT_ADDRESS, DEFAULT_TOKENIZER_ADDRESS, open_channel
+from kuiper_client import health
+from kuiper_client.channel import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TOKENIZER_ADDRESS,
+    TOKENIZER_PORT,
+    open_channel,
+)
+from kuiper_client.decode_stream import AsyncDecodeStream, DecodeStream
+from kuiper_client.types import (
+    INT32_MAX,
+    UINT32_MAX,
+    UINT64_MAX,
+    ChatTemplate,
+    Completion,
+    GenerateChunk,
+    KuiperError,
+    ModelInfo,
+    TokenizerInfo,
+    TokenLogprob,
+    Usage,
+    check_ids,
+    check_range,
+)
 
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -39,94 +65,6 @@ FINISH_NAMES = {
 }
 
 Message = Mapping[str, str] | tuple[str, str]
-
-
-class KuiperError(Exception):
-    """A failed call: `code` is the gRPC status code, the message says what to do."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-    @classmethod
-    def from_rpc(cls, exc: grpc.RpcError) -> KuiperError:
-        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        return cls(code, details or code.name)
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    time_to_first_token_s: float
-    queue_time_s: float
-    cached_prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class GenerateChunk:
-    """One streamed message: ids and text since the previous one; the last one carries
-    finish_reason ("length", "stop", "eos", "cancelled") and usage."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A whole generation, joined."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    usage: Usage | None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model: str
-    architecture: str
-    vocab_size: int
-    context_length: int
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    dtype: str
-    device: str
-    kv_block_size: int
-    kv_blocks_total: int
-    max_batch_size: int
-
-
-_INT32_MAX = 2**31 - 1
-_UINT32_MAX = 2**32 - 1
-_UINT64_MAX = 2**64 - 1
-
-
-def _check_range(name: str, value: int, lo: int, hi: int, note: str = "") -> None:
-    try:
-        ok = not isinstance(value, bool) and lo <= operator.index(value) <= hi
-    except TypeError:
-        ok = False
-    if not ok:
-        hint = f"; {note}" if note else ""
-        raise KuiperError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"{name} must be an integer in [{lo}, {hi}]{hint}, got {value!r}",
-        )
 
 
 def sampling_params(
@@ -145,14 +83,13 @@ def sampling_params(
     """The proto SamplingParams; None leaves a field unset (the server default). A value the
     proto field cannot hold raises KuiperError(INVALID_ARGUMENT) naming the field (protobuf
     itself only says "Value out of range")."""
-    _check_range("max_new_tokens", max_new_tokens, 0, _UINT32_MAX, "0: server default")
-    _check_range("top_k", top_k, -(2**31), _INT32_MAX)  # the server judges negative values
+    check_range("max_new_tokens", max_new_tokens, 0, UINT32_MAX, "0: server default")
+    check_range("top_k", top_k, -(2**31), INT32_MAX)  # the server judges negative values
     if seed is not None:
-        _check_range("seed", seed, 0, _UINT64_MAX)
+        check_range("seed", seed, 0, UINT64_MAX)
     if logprobs is not None:
-        _check_range("logprobs", logprobs, 0, _UINT32_MAX)
-    for t in stop_token_ids:
-        _check_range("stop_token_ids", t, 0, _UINT32_MAX)
+        check_range("logprobs", logprobs, 0, UINT32_MAX)
+    check_ids(stop_token_ids, "stop_token_ids")
     p = ipb.SamplingParams(
         max_new_tokens=max_new_tokens,
         top_k=top_k,
@@ -184,19 +121,17 @@ def generate_request(
     if isinstance(prompt, str):
         req.text = prompt
     else:
-        req.token_ids.ids.extend(int(t) for t in prompt)
+        req.token_ids.ids.extend(check_ids(prompt, "prompt"))
     if add_special_tokens is not None:
         req.add_special_tokens = add_special_tokens
     return req
 
 
 def chat_request(messages: Sequence[Message], request_id: str = "", **sampling) -> ipb.ChatRequest:
-    msgs = []
-    for m in messages:
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        msgs.append(tpb.ChatMessage(role=role, content=content))
     return ipb.ChatRequest(
-        messages=msgs, sampling=sampling_params(**sampling), request_id=request_id
+        messages=_chat_messages(messages),
+        sampling=sampling_params(**sampling),
+        request_id=request_id,
     )
 
 
@@ -242,19 +177,62 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+def tokenizer_address_for(address: str) -> str:
+    """The tokenizer service's usual address for an inference service at `address`: the same
+    host, port 50052 (what `kuiper up` runs). Addresses without a host:port (e.g. unix:...)
+    get localhost:50052."""
+    m = re.fullmatch(r"((?:dns:(?:///)?|ipv4:|ipv6:)?(?:\[[^\]]*\]|[^:/\[\]]*)):\d+", address)
+    return f"{m.group(1) or 'localhost'}:{TOKENIZER_PORT}" if m else DEFAULT_TOKENIZER_ADDRESS
+
+
 def _encode_request(texts: Sequence[str], add_special_tokens: bool | None) -> tpb.EncodeRequest:
+    if not all(isinstance(t, str) for t in texts):
+        raise KuiperError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"encode() takes a str or a list of str, got {texts!r}",
+        )
     req = tpb.EncodeRequest(texts=list(texts))
     if add_special_tokens is not None:
         req.add_special_tokens = add_special_tokens
     return req
 
 
+def _is_batch(ids: Sequence[int] | Sequence[Sequence[int]]) -> bool:
+    """A list of id lists (a batch) rather than one list of ids."""
+    return len(ids) > 0 and all(isinstance(s, Sequence) and not isinstance(s, str) for s in ids)
+
+
 def _decode_request(
     sequences: Sequence[Sequence[int]], skip_special_tokens: bool
 ) -> tpb.DecodeRequest:
     return tpb.DecodeRequest(
-        sequences=[tpb.TokenIds(ids=list(s)) for s in sequences],
+        sequences=[tpb.TokenIds(ids=check_ids(s, "ids")) for s in sequences],
         skip_special_tokens=skip_special_tokens,
+    )
+
+
+def _chat_messages(messages: Sequence[Message]) -> list[tpb.ChatMessage]:
+    out = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        out.append(tpb.ChatMessage(role=role, content=content))
+    return out
+
+
+def _tokenizer_info(r: tpb.TokenizerInfo) -> TokenizerInfo:
+    def optional(name: str) -> int | None:
+        return getattr(r, name) if r.HasField(name) else None
+
+    return TokenizerInfo(
+        vocab_size=r.vocab_size,
+        bos_id=optional("bos_id"),
+        eos_id=optional("eos_id"),
+        pad_id=optional("pad_id"),
+        special_tokens=[(t.id, t.content) for t in r.special_tokens],
+        has_chat_template=r.has_chat_template,
+        backend=r.backend,
+        source=r.source,
+        stop_ids=list(r.stop_ids),
     )
 
 
@@ -276,10 +254,11 @@ class _ClientBase:
         tls: bool = False,
         token: str | None = None,
     ):
-        """`tls_ca`: connect with TLS trusting this PEM CA certificate; `tls`: TLS trusting the
-        system's CAs; `token`: the servers' bearer token. OSError when `tls_ca` is unreadable."""
+        """`tokenizer_address`: default the same host as `address`, port 50052. `tls_ca`:
+        connect with TLS trusting this PEM CA certificate; `tls`: TLS trusting the system's
+        CAs; `token`: the servers' bearer token. OSError when `tls_ca` is unreadable."""
         self.address = address
-        self.tokenizer_address = tokenizer_address or DEFAULT_TOKENIZER_ADDRESS
+        self.tokenizer_address = tokenizer_address or tokenizer_address_for(address)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -291,10 +270,20 @@ class _ClientBase:
     def _open(self, address: str) -> tuple[Any, tuple[tuple[str, str], ...]]:
         return open_channel(address, options=CHANNEL_OPTIONS, aio=self._aio, **self._security)
 
-    def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
+    def _tokenizer_channel(self) -> Any:
         if self._tok_channel is None:
             self._tok_channel, _ = self._open(self.tokenizer_address)
-        return tgrpc.TokenizerServiceStub(self._tok_channel)
+        return self._tok_channel
+
+    def _tokenizer(self) -> tgrpc.TokenizerServiceStub:
+        return tgrpc.TokenizerServiceStub(self._tokenizer_channel())
+
+    def _health_check(self, server: str) -> Any:
+        """grpc.health.v1 Check on the 'inference' or the 'tokenizer' server."""
+        if server not in ("inference", "tokenizer"):
+            raise ValueError(f"server must be 'inference' or 'tokenizer', not {server!r}")
+        channel = self._channel if server == "inference" else self._tokenizer_channel()
+        return health.check_method(channel)
 
     def _call_timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -355,14 +344,14 @@ class KuiperClient(_ClientBase):
             finally:
                 call.cancel()  # no-op when done; stops the server's work when we stop early
 
-    def _unary(self, method, request, timeout: float | None):
+    def _unary(self, method, request, timeout: float | None, retry: bool = True):
         timeout = self._call_timeout(timeout)
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
                 return method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if self._retry_unary(exc, attempt):
+                if retry and self._retry_unary(exc, attempt):
                     time.sleep(delay)
                     delay *= 2
                     continue
@@ -397,24 +386,93 @@ class KuiperClient(_ClientBase):
     def model_info(self, timeout: float | None = None) -> ModelInfo:
         return _model_info(self._unary(self._stub.GetModelInfo, ipb.GetModelInfoRequest(), timeout))
 
+    @overload
+    def encode(
+        self, texts: str, add_special_tokens: bool | None = None, timeout: float | None = None
+    ) -> list[int]: ...
+    @overload
     def encode(
         self,
         texts: Sequence[str],
         add_special_tokens: bool | None = None,
         timeout: float | None = None,
-    ) -> list[list[int]]:
-        req = _encode_request(texts, add_special_tokens)
-        resp = self._unary(self._tokenizer().Encode, req, timeout)
-        return [list(r.ids) for r in resp.results]
+    ) -> list[list[int]]: ...
+    def encode(self, texts, add_special_tokens=None, timeout=None):
+        """Token ids of one text (a list of ids) or of each text of a list (a list of lists).
+        `add_special_tokens` unset: as the model's tokenizer does by default (e.g. BOS)."""
+        single = isinstance(texts, str)
+        req = _encode_request([texts] if single else texts, add_special_tokens)
+        ids = [list(r.ids) for r in self._unary(self._tokenizer().Encode, req, timeout).results]
+        return ids[0] if single else ids
 
+    @overload
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = False, timeout: float | None = None
+    ) -> str: ...
+    @overload
     def decode(
         self,
-        sequences: Sequence[Sequence[int]],
+        ids: Sequence[Sequence[int]],
         skip_special_tokens: bool = False,
         timeout: float | None = None,
-    ) -> list[str]:
-        req = _decode_request(sequences, skip_special_tokens)
-        return list(self._unary(self._tokenizer().Decode, req, timeout).texts)
+    ) -> list[str]: ...
+    def decode(self, ids, skip_special_tokens=False, timeout=None):
+        """Text of one list of ids (a str) or of each list in a list of lists (a list)."""
+        batch = _is_batch(ids)
+        req = _decode_request(ids if batch else [ids], skip_special_tokens)
+        texts = list(self._unary(self._tokenizer().Decode, req, timeout).texts)
+        return texts if batch else texts[0]
+
+    def decode_stream(self, timeout: float | None = None) -> DecodeStream:
+        """Incremental detokenization over one DecodeStream call (see `DecodeStream`); the
+        deadline covers the whole stream. Use as a context manager."""
+        method = self._tokenizer().DecodeStream
+        return DecodeStream(method, self._call_timeout(timeout), self._metadata)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        timeout: float | None = None,
+    ) -> ChatTemplate:
+        """`messages` rendered with the model's chat template (no generation)."""
+        req = tpb.ChatTemplateRequest(
+            messages=_chat_messages(messages), add_generation_prompt=add_generation_prompt
+        )
+        resp = self._unary(self._tokenizer().ApplyChatTemplate, req, timeout)
+        return ChatTemplate(resp.text, list(resp.ids))
+
+    def tokenizer_info(self, timeout: float | None = None) -> TokenizerInfo:
+        req = tpb.GetTokenizerInfoRequest()
+        return _tokenizer_info(self._unary(self._tokenizer().GetTokenizerInfo, req, timeout))
+
+    def health(self, server: str = "inference", service: str = "", timeout: float = 5.0) -> str:
+        """grpc.health.v1 status of the 'inference' or 'tokenizer' server: "SERVING",
+        "NOT_SERVING" (loading, draining), ... (KuiperError when it does not answer)."""
+        req = health.HealthCheckRequest(service=service)
+        resp = self._unary(self._health_check(server), req, timeout, retry=False)
+        return health.status_name(resp)
+
+    def wait_until_serving(
+        self, timeout: float = 30.0, servers: Sequence[str] = ("inference", "tokenizer")
+    ) -> None:
+        """Poll health until every server in `servers` says SERVING; KuiperError
+        (DEADLINE_EXCEEDED, with the last answer) after `timeout` seconds."""
+        end = time.monotonic() + timeout
+        for server in servers:
+            while True:
+                try:
+                    last = self.health(server, timeout=max(0.1, min(2.0, end - time.monotonic())))
+                except KuiperError as exc:
+                    last = str(exc)
+                if last == "SERVING":
+                    break
+                if time.monotonic() >= end:
+                    raise KuiperError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"{server} server not SERVING after {timeout:g} s: {last}",
+                    )
+                time.sleep(0.1)
 
 
 class AsyncKuiperClient(_ClientBase):
@@ -453,14 +511,14 @@ class AsyncKuiperClient(_ClientBase):
             finally:
                 call.cancel()
 
-    async def _unary(self, method, request, timeout: float | None):
+    async def _unary(self, method, request, timeout: float | None, retry: bool = True):
         timeout = self._call_timeout(timeout)
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
                 return await method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if self._retry_unary(exc, attempt):
+                if retry and self._retry_unary(exc, attempt):
                     await asyncio.sleep(delay)
                     delay *= 2
                     continue
@@ -491,21 +549,85 @@ class AsyncKuiperClient(_ClientBase):
         resp = await self._unary(self._stub.GetModelInfo, ipb.GetModelInfoRequest(), timeout)
         return _model_info(resp)
 
+    @overload
+    async def encode(
+        self, texts: str, add_special_tokens: bool | None = None, timeout: float | None = None
+    ) -> list[int]: ...
+    @overload
     async def encode(
         self,
         texts: Sequence[str],
         add_special_tokens: bool | None = None,
         timeout: float | None = None,
-    ) -> list[list[int]]:
-        req = _encode_request(texts, add_special_tokens)
+    ) -> list[list[int]]: ...
+    async def encode(self, texts, add_special_tokens=None, timeout=None):
+        single = isinstance(texts, str)
+        req = _encode_request([texts] if single else texts, add_special_tokens)
         resp = await self._unary(self._tokenizer().Encode, req, timeout)
-        return [list(r.ids) for r in resp.results]
+        ids = [list(r.ids) for r in resp.results]
+        return ids[0] if single else ids
 
+    @overload
+    async def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = False, timeout: float | None = None
+    ) -> str: ...
+    @overload
     async def decode(
         self,
-        sequences: Sequence[Sequence[int]],
+        ids: Sequence[Sequence[int]],
         skip_special_tokens: bool = False,
         timeout: float | None = None,
-    ) -> list[str]:
-        req = _decode_request(sequences, skip_special_tokens)
-        return list((await self._unary(self._tokenizer().Decode, req, timeout)).texts)
+    ) -> list[str]: ...
+    async def decode(self, ids, skip_special_tokens=False, timeout=None):
+        batch = _is_batch(ids)
+        req = _decode_request(ids if batch else [ids], skip_special_tokens)
+        texts = list((await self._unary(self._tokenizer().Decode, req, timeout)).texts)
+        return texts if batch else texts[0]
+
+    def decode_stream(self, timeout: float | None = None) -> AsyncDecodeStream:
+        method = self._tokenizer().DecodeStream
+        return AsyncDecodeStream(method, self._call_timeout(timeout), self._metadata)
+
+    async def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        timeout: float | None = None,
+    ) -> ChatTemplate:
+        req = tpb.ChatTemplateRequest(
+            messages=_chat_messages(messages), add_generation_prompt=add_generation_prompt
+        )
+        resp = await self._unary(self._tokenizer().ApplyChatTemplate, req, timeout)
+        return ChatTemplate(resp.text, list(resp.ids))
+
+    async def tokenizer_info(self, timeout: float | None = None) -> TokenizerInfo:
+        req = tpb.GetTokenizerInfoRequest()
+        return _tokenizer_info(await self._unary(self._tokenizer().GetTokenizerInfo, req, timeout))
+
+    async def health(
+        self, server: str = "inference", service: str = "", timeout: float = 5.0
+    ) -> str:
+        req = health.HealthCheckRequest(service=service)
+        resp = await self._unary(self._health_check(server), req, timeout, retry=False)
+        return health.status_name(resp)
+
+    async def wait_until_serving(
+        self, timeout: float = 30.0, servers: Sequence[str] = ("inference", "tokenizer")
+    ) -> None:
+        end = time.monotonic() + timeout
+        for server in servers:
+            while True:
+                try:
+                    last = await self.health(
+                        server, timeout=max(0.1, min(2.0, end - time.monotonic()))
+                    )
+                except KuiperError as exc:
+                    last = str(exc)
+                if last == "SERVING":
+                    break
+                if time.monotonic() >= end:
+                    raise KuiperError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"{server} server not SERVING after {timeout:g} s: {last}",
+                    )
+                await asyncio.sleep(0.1)
