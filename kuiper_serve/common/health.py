@@ -1,8 +1,7 @@
 """Health and reflection wiring shared by both kuiper gRPC servers.
 
 Each server registers grpc.health.v1 health and server reflection the same way and reports
-one status for the whole server ("") and for its own service. It lives here, beside the
-tokenizer service, because the inference service already builds on this package.
+one status for the whole server ("") and for its own service.
 """
 
 from __future__ import annotations
