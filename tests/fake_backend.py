@@ -71,11 +71,13 @@ class FakeBackend:
         self.sample_vocab = vocab_size
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.max_model_len = context
         self.device_name = "fake"
         self.kv = np.full((num_blocks, block_size), -1, dtype=np.int64)
         self.step_delay_s = step_delay_s
         self.batch_sizes: list[int] = []
         self.fail_next = False
+        self.closed = False
         self._event = threading.Event()
 
     def _run(self, item: BatchItem) -> list[int]:
@@ -105,3 +107,6 @@ class FakeBackend:
 
     def logits(self, batch: list[BatchItem]) -> np.ndarray:
         raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed = True

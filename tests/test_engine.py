@@ -186,8 +186,29 @@ def test_numpy_backend_batched_greedy_equals_transformers(tmp_path, make_engine)
         assert o == models_util.hf_greedy(hf, p, 6)
     # The second prompt shares 8 tokens (2 full blocks) with the first: the same prompt
     # again finds them in the prefix cache.
-    assert eng.block_manager.prefix_cache_hit_blocks >= 0
     before = eng.block_manager.prefix_cache_hit_blocks
     again = eng.generate([prompts[0]], params, timeout=60)[0]
     assert again == outs[0]
     assert eng.block_manager.prefix_cache_hit_blocks - before == 2  # (10 - 1) // 4 blocks
+
+
+def test_engine_refuses_an_incomplete_backend():
+    class NoClose(FakeBackend):
+        close = None  # type: ignore[assignment]
+
+    backend = NoClose(num_blocks=4, block_size=4)
+    del backend.max_model_len
+    with pytest.raises(TypeError, match=r"NoClose .*lacks max_model_len, close\(\)"):
+        Engine(backend)
+
+
+def test_max_model_len_comes_from_the_backend_and_stop_closes_it(make_engine):
+    backend = FakeBackend(num_blocks=64, block_size=4, vocab_size=VOCAB, context=4096)
+    backend.max_model_len = 10  # e.g. a backend whose buffers hold fewer positions
+    eng = make_engine(backend, max_model_len=100)
+    assert eng.max_model_len == 10
+    params = SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
+    prompt = [1, 2, 3, 4]
+    assert eng.generate([prompt], params, timeout=30)[0] == oracle_generate(prompt, 6, VOCAB)
+    eng.stop()
+    assert backend.closed

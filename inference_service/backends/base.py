@@ -37,10 +37,17 @@ class BatchItem:
 
 
 class Backend(Protocol):
+    """What the engine needs of a backend; `check_backend` verifies it at Engine construction."""
+
     config: ModelConfig
-    block_size: int  # tokens per KV block
-    num_blocks: int  # blocks in the KV pool
     device_name: str  # "cpu" or "cuda:0 (NVIDIA H100 ...)"
+    # KV capacity: the pool holds num_blocks blocks of block_size tokens (a sequence's block
+    # table names blocks 0..num_blocks - 1).
+    block_size: int
+    num_blocks: int
+    # The most positions one sequence may reach: at most config.max_position_embeddings, less
+    # where the backend's buffers bound it. Steps beyond it are refused (check_batch).
+    max_model_len: int
     # Ids >= sample_vocab are never sampled (default config.vocab_size). The server lowers it
     # to the tokenizer's vocabulary when the embedding table is padded past it (e.g. Qwen2.5:
     # 151936 rows, 151665 tokens): such ids have no text. Read by the engine thread each step.
@@ -54,6 +61,24 @@ class Backend(Protocol):
         """Run one step and return float32 logits [len(batch), vocab] of each item's
         last token (tests and tools; the serving path uses step())."""
         ...
+
+    def close(self) -> None:
+        """Release what the calling thread holds (the engine thread calls it once, when it
+        stops, before it ends: e.g. the CUDA context it pushed). Memory goes with the object."""
+        ...
+
+
+def check_backend(backend: object) -> None:
+    """Raise TypeError naming every member of the Backend protocol that backend lacks."""
+    attributes = list(Backend.__annotations__)
+    methods = [n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")]
+    missing = [n for n in attributes if not hasattr(backend, n)]
+    missing += [f"{n}()" for n in methods if not callable(getattr(backend, n, None))]
+    if missing:
+        raise TypeError(
+            f"{type(backend).__name__} is not a complete backend: it lacks "
+            f"{', '.join(missing)} (see inference_service/backends/base.py: Backend)"
+        )
 
 
 def check_batch(

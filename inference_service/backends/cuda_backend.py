@@ -185,7 +185,6 @@ class CudaBackend:
             self.w[e.name] = base + e.offset
         if c.tie_word_embeddings:
             self.w["lm_head"] = self.w["embed"]
-        self.weight_bytes = total
         self._inv_freq = cuda.to_device(rope_inv_freq(c).astype(np.float32))
 
         # Activations, logits and attention scratch.
@@ -742,8 +741,3 @@ class CudaBackend:
         )
         self.stream.synchronize()
         return np.array(self._logits_host[0, : self._lm_rows])
-
-
-def kv_bytes_per_block(config, block_size: int) -> int:
-    """Device bytes of one KV block (create_backend converts a byte budget with it)."""
-    return kv_block_bytes(config, block_size)

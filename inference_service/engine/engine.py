@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference_service.backends.base import Backend, BatchItem
+from inference_service.backends.base import Backend, BatchItem, check_backend
 from inference_service.engine.block_manager import BlockManager
 from inference_service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from inference_service.engine.sequence import FinishReason, Sequence
@@ -91,9 +91,10 @@ class Engine:
         config: EngineConfig | None = None,
         stop_ids: Iterable[int] = (),
     ):
+        check_backend(backend)
         self.backend = backend
         self.config = config or EngineConfig()
-        model_len = backend.config.max_position_embeddings
+        model_len = backend.max_model_len
         self.max_model_len = min(self.config.max_model_len or model_len, model_len)
         self.block_manager = BlockManager(
             backend.num_blocks, backend.block_size, self.config.enable_prefix_caching
@@ -240,12 +241,10 @@ class Engine:
             self._emit(self._finish_outputs(self.scheduler.abort_all(), "engine stopped"))
             # The backend's per-thread device state (the CUDA context this thread pushed)
             # must be released by this thread, before it ends.
-            close = getattr(self.backend, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception:
-                    log.exception("closing the backend failed")
+            try:
+                self.backend.close()
+            except Exception:
+                log.exception("closing the backend failed")
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; False when asked to stop."""

@@ -83,10 +83,6 @@ class Scheduler:
         """Ask to stop seq; it is dropped and its blocks freed by the next schedule()."""
         seq.cancel_requested = True
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -73,10 +73,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
-
     def tokens_slice(self, start: int, stop: int) -> list[int]:
         n = len(self.prompt_ids)
         if stop <= n:
