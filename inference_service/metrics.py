@@ -1,80 +1,172 @@
-"""Prometheus metrics of the inference service (own registry, served over HTTP)."""
+"""Prometheus metrics of the inference service (own registry, served over HTTP).
+
+Named and shaped like vLLM's (`vllm:X` is `kuiper_inference_X` here), so its dashboards,
+autoscaling rules and gateway settings carry over by swapping the prefix: cumulative values are
+Counters, every series carries `model_name`, the KV pool's fill is a 0-1 ratio
+(`kv_cache_usage_perc`), requests end in `request_success_total{finished_reason}` with vLLM's
+reasons, and latencies are histograms in seconds (inter-token latency once per token)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from inference_service.engine.engine import StepStats
+from inference_service.engine.sequence import FinishReason
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+# vLLM's finished_reason values: an end-of-sequence token and a stop string are both "stop".
+FINISHED_REASON = {
+    FinishReason.LENGTH: "length",
+    FinishReason.STOP: "stop",
+    FinishReason.EOS: "stop",
+    FinishReason.CANCELLED: "abort",
+}
+
+
+class WithModel:
+    """A labelled metric whose first label, model_name, is already given: `.labels(*rest)`
+    (what count_rejections and the servicer call with (method, code))."""
+
+    def __init__(self, metric: Any, model_name: str) -> None:
+        self._metric = metric
+        self._model = model_name
+
+    def labels(self, *values: str) -> Any:
+        return self._metric.labels(self._model, *values)
 
 
 @dataclass(frozen=True)
 class _MetricFactory:
-    """Metrics named `prefix + name`, all in one registry."""
+    """Metrics named `prefix + name`, all in one registry, all labelled model_name (the
+    unlabelled ones come back as the child for this model)."""
 
     prefix: str
     registry: CollectorRegistry
+    model_name: str
 
-    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-        return Counter(self.prefix + name, doc, labels, registry=self.registry)
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Any:
+        c = Counter(self.prefix + name, doc, ["model_name", *labels], registry=self.registry)
+        return WithModel(c, self.model_name) if labels else c.labels(self.model_name)
 
-    def gauge(self, name: str, doc: str) -> Gauge:
-        return Gauge(self.prefix + name, doc, registry=self.registry)
+    def gauge(self, name: str, doc: str) -> Any:
+        g = Gauge(self.prefix + name, doc, ["model_name"], registry=self.registry)
+        return g.labels(self.model_name)
 
-    def histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Histogram:
-        return Histogram(self.prefix + name, doc, buckets=buckets, registry=self.registry)
+    def histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Any:
+        h = Histogram(
+            self.prefix + name, doc, ["model_name"], buckets=buckets, registry=self.registry
+        )
+        return h.labels(self.model_name)
 
 
 class InferenceMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, model_name: str = ""):
         self.registry = registry or CollectorRegistry()
-        m = _MetricFactory("kuiper_inference_", self.registry)
+        self.model_name = model_name
+        m = _MetricFactory("kuiper_inference_", self.registry, model_name)
+        # ---- requests
         self.requests = m.counter(
             "requests", "Finished RPCs by method and gRPC status code.", ["method", "code"]
         )
+        self.request_success = m.counter(
+            "request_success",
+            "Generations that ran to an end, by vLLM's finished_reason (stop, length, abort).",
+            ["finished_reason"],
+        )
+        self.e2e_latency = m.histogram(
+            "e2e_request_latency_seconds",
+            "RPC arrival to the last token of the stream.",
+            REQUEST_BUCKETS,
+        )
+        self.queue_time = m.histogram(
+            "request_queue_time_seconds",
+            "Time waiting in the engine before the first scheduling step.",
+            REQUEST_BUCKETS,
+        )
+        self.prefill_time = m.histogram(
+            "request_prefill_time_seconds",
+            "First scheduling step to the first token.",
+            REQUEST_BUCKETS,
+        )
+        self.decode_time = m.histogram(
+            "request_decode_time_seconds", "First token to the last token.", REQUEST_BUCKETS
+        )
+        self.inference_time = m.histogram(
+            "request_inference_time_seconds",
+            "First scheduling step to the last token (prefill + decode).",
+            REQUEST_BUCKETS,
+        )
         self.ttft = m.histogram(
             "time_to_first_token_seconds",
-            "Request arrival to first generated token.",
+            "RPC arrival to the first generated token.",
             LATENCY_BUCKETS,
         )
         self.itl = m.histogram(
-            "inter_token_latency_seconds", "Time between streamed token messages.", LATENCY_BUCKETS
+            "inter_token_latency_seconds",
+            "Time between generated tokens (a message of k tokens after t s counts k times t/k).",
+            LATENCY_BUCKETS,
         )
-        self.queue_time = m.histogram(
-            "queue_time_seconds", "Time waiting before the first scheduling step.", LATENCY_BUCKETS
+        self.prompt_length = m.histogram(
+            "request_prompt_tokens", "Prompt tokens per request.", LENGTH_BUCKETS
+        )
+        self.generation_length = m.histogram(
+            "request_generation_tokens", "Generated tokens per request.", LENGTH_BUCKETS
         )
         self.prompt_tokens = m.counter("prompt_tokens", "Prompt tokens accepted.")
         self.generation_tokens = m.counter("generation_tokens", "Tokens generated and streamed.")
-        self.running = m.gauge("running_sequences", "Sequences holding KV blocks.")
-        self.waiting = m.gauge("waiting_sequences", "Sequences waiting to run.")
+        # ---- engine
+        self.running = m.gauge("num_requests_running", "Sequences in the running batch.")
+        self.waiting = m.gauge("num_requests_waiting", "Sequences waiting for a batch slot.")
         self.batch_size = m.histogram("batch_size", "Sequences per engine step.", BATCH_BUCKETS)
+        self.kv_usage = m.gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).")
         self.kv_used = m.gauge("kv_blocks_used", "KV cache blocks in use.")
         self.kv_total = m.gauge("kv_blocks_total", "KV cache blocks in the pool.")
-        self.prefix_hits = m.gauge(
-            "prefix_cache_hit_blocks", "KV blocks reused from the prefix cache (cumulative)."
+        self.prefix_hits = m.counter(
+            "prefix_cache_hits", "Prompt tokens whose KV blocks came from the prefix cache."
         )
-        self.prefix_queries = m.gauge(
-            "prefix_cache_queried_blocks",
-            "Full prompt blocks looked up in the prefix cache (cumulative).",
+        self.prefix_queries = m.counter(
+            "prefix_cache_queries", "Prompt tokens in full blocks looked up in the prefix cache."
         )
-        self.preemptions = m.gauge("preemptions", "Sequences preempted for KV space (cumulative).")
+        self.preemptions = m.counter(
+            "num_preemptions", "Sequences preempted (to be recomputed) for KV space."
+        )
+        self._last: StepStats | None = None
+        self.block_size = 1
 
     def on_step(self, stats: StepStats) -> None:
-        """Engine-thread hook (prometheus_client is thread-safe)."""
+        """Engine-thread hook (prometheus_client is thread-safe). The engine reports
+        cumulative block counts; the counters advance by the difference."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
         self.kv_used.set(stats.kv_blocks_used)
         self.kv_total.set(stats.kv_blocks_total)
-        self.prefix_hits.set(stats.prefix_cache_hit_blocks)
-        self.prefix_queries.set(stats.prefix_cache_queried_blocks)
-        self.preemptions.set(stats.num_preemptions)
+        if stats.kv_blocks_total:
+            self.kv_usage.set(stats.kv_blocks_used / stats.kv_blocks_total)
+        last = self._last
+        hits = stats.prefix_cache_hit_blocks - (last.prefix_cache_hit_blocks if last else 0)
+        queried = stats.prefix_cache_queried_blocks - (
+            last.prefix_cache_queried_blocks if last else 0
+        )
+        preempted = stats.num_preemptions - (last.num_preemptions if last else 0)
+        self.prefix_hits.inc(max(0, hits) * self.block_size)
+        self.prefix_queries.inc(max(0, queried) * self.block_size)
+        self.preemptions.inc(max(0, preempted))
+        self._last = stats
+
+    def observe_token_gap(self, seconds: float, num_tokens: int) -> None:
+        """A message of num_tokens tokens arrived `seconds` after the previous one: each of its
+        tokens took seconds / num_tokens."""
+        for _ in range(num_tokens):
+            self.itl.observe(seconds / num_tokens)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -32,7 +32,7 @@ from inference_service.engine.engine import (
     QueueFullError,
 )
 from inference_service.engine.sequence import FinishReason
-from inference_service.metrics import InferenceMetrics
+from inference_service.metrics import FINISHED_REASON, InferenceMetrics
 from inference_service.router import Delta, OutputRouter, RpcError
 from inference_service.sampling.params import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -44,9 +44,10 @@ from inference_service.tokenizer_client import (
     TokenizerRequestError,
     TokenizerUnavailableError,
 )
-from kuiper_serve.common.auth import Security, add_port, count_rejections
+from kuiper_serve.common.auth import Security, add_port, connection_age_options, count_rejections
 from kuiper_serve.common.defaults import INFERENCE_GRACE_S, INFERENCE_METRICS_PORT, INFERENCE_PORT
 from kuiper_serve.common.health import ServerHealth
+from kuiper_serve.common.model_source import model_name
 
 log = logging.getLogger("kuiper.inference")
 
@@ -264,14 +265,16 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         except EngineStoppedError as exc:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        added = time.monotonic()
         rid = handle.request_id
         live = self.router.register(rid, ids, params.stop)
         self.metrics.prompt_tokens.inc(len(ids))
+        self.metrics.prompt_length.observe(len(ids))
         self.num_streams += 1
         first: float | None = None
         last_time = start
         completion = 0
-        queue_time_seen = False
+        scheduled: float | None = None  # when the engine first scheduled it
         try:
             while True:
                 delta: Delta = await live.queue.get()
@@ -279,15 +282,19 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
                     raise delta.error
                 now = time.monotonic()
                 out = delta.output
-                if out is not None and out.queue_time_s is not None and not queue_time_seen:
-                    queue_time_seen = True
+                if out is not None and out.queue_time_s is not None and scheduled is None:
+                    scheduled = added + out.queue_time_s
                     self.metrics.queue_time.observe(out.queue_time_s)
                 if delta.token_ids:
                     if first is None:
                         first = now
                         self.metrics.ttft.observe(now - start)
+                        if scheduled is not None:
+                            self.metrics.prefill_time.observe(max(0.0, now - scheduled))
+                        # the first message's other tokens came with the first one
+                        self.metrics.observe_token_gap(0.0, len(delta.token_ids) - 1)
                     else:
-                        self.metrics.itl.observe(now - last_time)
+                        self.metrics.observe_token_gap(now - last_time, len(delta.token_ids))
                     last_time = now
                     completion += len(delta.token_ids)
                     self.metrics.generation_tokens.inc(len(delta.token_ids))
@@ -298,6 +305,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
                 )
                 if delta.finish_reason is not None:
                     resp.finish_reason = FINISH_TO_PROTO[delta.finish_reason]
+                    self._observe_finish(delta.finish_reason, start, scheduled, first, completion)
                     resp.usage.CopyFrom(
                         ipb.Usage(
                             prompt_tokens=len(ids),
@@ -313,6 +321,24 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
         finally:
             self.num_streams -= 1
             self.router.release(rid)
+
+    def _observe_finish(
+        self,
+        reason: FinishReason,
+        start: float,
+        scheduled: float | None,
+        first: float | None,
+        completion: int,
+    ) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        m.request_success.labels(FINISHED_REASON[reason]).inc()
+        m.e2e_latency.observe(now - start)
+        m.generation_length.observe(completion)
+        if first is not None:
+            m.decode_time.observe(now - first)
+        if scheduled is not None:
+            m.inference_time.observe(max(0.0, now - scheduled))
 
 
 class LoadingServicer(igrpc.InferenceServiceServicer):
@@ -360,6 +386,7 @@ class ServerConfig:
     max_waiting: int = 256
     max_num_batched_tokens: int = 512
     grace_s: float = INFERENCE_GRACE_S
+    max_connection_age_s: float = 0.0  # 0: clients keep their connections
     tokenizer_timeout_s: float = 5.0
     security: Security = field(default_factory=Security)
     # The connection to the tokenizer service: TLS when tokenizer_tls or tokenizer_tls_ca.
@@ -420,7 +447,7 @@ def _build_engine(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
 
 async def serve(cfg: ServerConfig) -> int:
     """Raises ValueError (bad TLS files) or OSError (port taken) when it cannot start."""
-    metrics = InferenceMetrics()
+    metrics = InferenceMetrics(model_name=model_name(cfg.model))  # before the slow load
     credentials = cfg.security.credentials()
     # Before the slow model load, so an unreadable CA file fails at once.
     try:
@@ -438,6 +465,7 @@ async def serve(cfg: ServerConfig) -> int:
         options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
+            *connection_age_options(cfg.max_connection_age_s),
         ],
     )
     server_health = ServerHealth(server, SERVICE_NAME)
@@ -456,6 +484,7 @@ async def serve(cfg: ServerConfig) -> int:
     print(f"loaded {model.source} in {time.monotonic() - t0:.1f}s", flush=True)
     engine.start()
     metrics.kv_total.set(engine.num_blocks)
+    metrics.block_size = engine.block_manager.block_size
     engine.add_stats_listener(metrics.on_step)
     servicer = InferenceServicer(engine, tokenizer, metrics, model)
     servicer.start()

@@ -31,6 +31,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Every address the target resolves to gets a connection and calls take turns: with
+    # dns:/// and a headless Service, that is every tokenizer pod (one address: as before).
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 

@@ -83,14 +83,16 @@ class Stack:
         return self.inference.address
 
     def metrics(self) -> dict[str, float]:
-        """Unlabelled samples of the inference service's /metrics, by name."""
+        """Samples of the inference service's /metrics by name and labels, without the
+        model_name label every series carries (a stack serves one model)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         out = {}
         for line in text.splitlines():
             m = re.match(r"^([a-zA-Z_:]+(?:\{[^}]*\})?) ([0-9.eE+-]+|NaN)$", line)
             if m:
-                out[m.group(1)] = float(m.group(2))
+                key = re.sub(r'model_name="[^"]*",?', "", m.group(1)).replace("{}", "")
+                out[key.replace(",}", "}")] = float(m.group(2))
         return out
 
 

@@ -143,7 +143,7 @@ def test_cancelled_stream_frees_its_kv_blocks(stack):
     assert wait_metric(stack, "kuiper_inference_kv_blocks_used", lambda v: v > 0) > 0
     call.cancel()
     wait_metric(stack, "kuiper_inference_kv_blocks_used", lambda v: v == 0)
-    wait_metric(stack, "kuiper_inference_running_sequences", lambda v: v == 0)
+    wait_metric(stack, "kuiper_inference_num_requests_running", lambda v: v == 0)
     wait_metric(stack, 'kuiper_inference_requests_total{code="CANCELLED",method="Generate"}',
                 lambda v: v >= 1)  # fmt: skip
     channel.close()
@@ -308,7 +308,7 @@ def test_repeated_prompt_reuses_cached_prefix_blocks(stack, llm):
     prompt = "the quick brown fox jumps over the lazy dog " * 6
     n = len(llm.encode(prompt))
     block = 8  # --block-size of this stack
-    before = stack.metrics()["kuiper_inference_prefix_cache_hit_blocks"]
+    before = stack.metrics()["kuiper_inference_prefix_cache_hits_total"]
     with KuiperClient(stack.address, timeout=60) as client:
         first = client.complete(prompt, max_new_tokens=4, temperature=0.0, ignore_eos=True)
         second = client.complete(prompt, max_new_tokens=4, temperature=0.0, ignore_eos=True)
@@ -316,8 +316,8 @@ def test_repeated_prompt_reuses_cached_prefix_blocks(stack, llm):
     assert first.usage.cached_prompt_tokens == 0
     # Every full block but the one holding the last prompt token comes from the cache.
     assert second.usage.cached_prompt_tokens == (n - 1) // block * block > 0
-    hits = stack.metrics()["kuiper_inference_prefix_cache_hit_blocks"] - before
-    assert hits == (n - 1) // block
+    hits = stack.metrics()["kuiper_inference_prefix_cache_hits_total"] - before
+    assert hits == (n - 1) // block * block  # tokens, as vLLM counts them
 
 
 def test_stop_token_id_ends_with_stop_and_is_returned(stack, llm):

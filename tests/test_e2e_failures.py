@@ -40,7 +40,7 @@ def test_full_queue_answers_resource_exhausted(stack):
     running = stub.Generate(ipb.GenerateRequest(text="hello", sampling=LONG), timeout=60)
     next(iter(running))  # it runs, holding the only batch slot
     waiting = stub.Generate(ipb.GenerateRequest(text="world", sampling=LONG), timeout=60)
-    wait_until(lambda: stack.metrics().get("kuiper_inference_waiting_sequences") == 1,
+    wait_until(lambda: stack.metrics().get("kuiper_inference_num_requests_waiting") == 1,
                what="the second request to wait")  # fmt: skip
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(ipb.GenerateRequest(text="again", sampling=LONG), timeout=30))
@@ -49,7 +49,7 @@ def test_full_queue_answers_resource_exhausted(stack):
     running.cancel()
     waiting.cancel()
     wait_until(lambda: stack.metrics().get("kuiper_inference_kv_blocks_used") == 0
-               and stack.metrics().get("kuiper_inference_waiting_sequences") == 0,
+               and stack.metrics().get("kuiper_inference_num_requests_waiting") == 0,
                what="KV blocks to come back")  # fmt: skip
     with KuiperClient(stack.address, timeout=30) as client:
         assert client.complete("hi", max_new_tokens=3, ignore_eos=True).finish_reason == "length"
@@ -98,7 +98,7 @@ def test_sigterm_lets_running_streams_finish_then_exits_0(stack):
     threads[0].start()
     wait_until(lambda: results[0], what="the first stream to run")
     threads[1].start()  # one batch slot: this one waits in the queue
-    wait_until(lambda: stack.metrics().get("kuiper_inference_waiting_sequences") == 1,
+    wait_until(lambda: stack.metrics().get("kuiper_inference_num_requests_waiting") == 1,
                what="the second stream to wait")  # fmt: skip
     assert not isinstance(results[0][-1], Exception) and not results[1]
     stack.inference.proc.send_signal(signal.SIGTERM)

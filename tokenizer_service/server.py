@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kuiper_serve.common.auth import Security, add_port, count_rejections
+from kuiper_serve.common.auth import Security, add_port, connection_age_options, count_rejections
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
     TOKENIZER_GRACE_S,
@@ -33,6 +33,7 @@ from kuiper_serve.common.defaults import (
     TOKENIZER_PORT,
 )
 from kuiper_serve.common.health import ServerHealth
+from kuiper_serve.common.model_source import model_name
 from tokenizer_service.incremental import IncrementalDecoder
 from tokenizer_service.tokenizer import Tokenizer, load_tokenizer
 
@@ -98,7 +99,15 @@ _LATENCY_BUCKETS = tuple(m * 10.0**e for e in range(-4, 1) for m in (1, 2.5, 5))
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name: str = "") -> None:
+        # Info-style series (value 1): dashboards join on model_name as with the inference
+        # service's metrics.
+        Gauge(
+            "kuiper_tokenizer_model_info",
+            "The model whose tokenizer this server loads (always 1).",
+            ["model_name"],
+            registry=registry,
+        ).labels(model_name).set(1)
         self.requests = Counter(
             "kuiper_tokenizer_requests",
             "Tokenizer RPCs by method and final status code.",
@@ -402,12 +411,13 @@ async def serve_async(
     grace: float = TOKENIZER_GRACE_S,
     limits: Limits | None = None,
     security: Security | None = None,
+    max_connection_age_s: float = 0.0,
 ) -> None:
     """Run until SIGTERM/SIGINT, then drain. Raises ServeError when it cannot start."""
     limits = limits or Limits()
     security = security or Security()
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, model_name(model_path))
     servicer = TokenizerServicer(limits, metrics)
     interceptors = security.interceptors(count_rejections(metrics.requests))
     try:
@@ -420,6 +430,7 @@ async def serve_async(
             ("grpc.max_receive_message_length", TRANSPORT_MAX_MESSAGE),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent second server
+            *connection_age_options(max_connection_age_s),
         ],
     )
     server_health = ServerHealth(server, SERVICE_NAME)
@@ -489,6 +500,7 @@ def serve(
     metrics_port: int | None = TOKENIZER_METRICS_PORT,
     grace: float = TOKENIZER_GRACE_S,
     security: Security | None = None,
+    max_connection_age_s: float = 0.0,
 ) -> int:
     """Run the tokenizer service in this process; returns the exit code (0 after a drain)."""
     if not logging.getLogger().handlers:
@@ -498,7 +510,17 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     try:
-        asyncio.run(serve_async(model_path, host, port, metrics_port, grace, security=security))
+        asyncio.run(
+            serve_async(
+                model_path,
+                host,
+                port,
+                metrics_port,
+                grace,
+                security=security,
+                max_connection_age_s=max_connection_age_s,
+            )
+        )
     except ServeError as exc:
         log.error("%s", exc)
         return 1

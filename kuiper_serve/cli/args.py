@@ -10,6 +10,18 @@ from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS
 from kuiper_serve.common.defaults import AUTH_TOKEN_ENV, INFERENCE_ADDRESS, INFERENCE_GRACE_S
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-connection-age: the same for every kuiper server."""
+    parser.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="ask clients to reconnect once a connection is this old, so new replicas behind "
+        "a Service get traffic; calls in progress are never cut (default 0: never)",
+    )
+
+
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """--tls-cert, --tls-key, --auth-token: the same for every kuiper server."""
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain")

@@ -7,7 +7,12 @@ import asyncio
 import logging
 import sys
 
-from kuiper_serve.cli.args import add_engine_flags, add_model_flags, add_security_arguments
+from kuiper_serve.cli.args import (
+    add_connection_arguments,
+    add_engine_flags,
+    add_model_flags,
+    add_security_arguments,
+)
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
     INFERENCE_METRICS_PORT,
@@ -43,6 +48,7 @@ def register(subparsers) -> None:
         default=INFERENCE_METRICS_PORT,
         help=f"Prometheus /metrics port (default {INFERENCE_METRICS_PORT}; 0: off)",
     )
+    add_connection_arguments(p)
     add_security_arguments(p)
     p.add_argument(
         "--tokenizer-tls",
@@ -83,6 +89,7 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_num_batched_tokens=args.max_batched_tokens,
         grace_s=args.grace,
+        max_connection_age_s=args.max_connection_age,
         security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
         tokenizer_tls=args.tokenizer_tls,
         tokenizer_tls_ca=args.tokenizer_tls_ca,

@@ -8,7 +8,11 @@ import os
 import sys
 from typing import Any
 
-from kuiper_serve.cli.args import add_client_security_arguments, add_security_arguments
+from kuiper_serve.cli.args import (
+    add_client_security_arguments,
+    add_connection_arguments,
+    add_security_arguments,
+)
 from kuiper_serve.common.defaults import (
     AUTH_TOKEN_ENV,
     DEFAULT_HOST,
@@ -54,6 +58,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight calls get to finish after SIGTERM/SIGINT "
         f"(default {TOKENIZER_GRACE_S:g})",
     )
+    add_connection_arguments(parser)
     add_security_arguments(parser)
 
 
@@ -63,7 +68,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     metrics_port = None if args.metrics_port < 0 else args.metrics_port
     security = Security(args.tls_cert, args.tls_key, args.auth_token or None)
-    return serve(args.model, args.host, args.port, metrics_port, args.grace, security)
+    return serve(
+        args.model,
+        args.host,
+        args.port,
+        metrics_port,
+        args.grace,
+        security,
+        max_connection_age_s=args.max_connection_age,
+    )
 
 
 def _client_arguments(parser: argparse.ArgumentParser) -> None:

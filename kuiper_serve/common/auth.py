@@ -79,6 +79,16 @@ def add_port(
         return 0
 
 
+def connection_age_options(max_connection_age_s: float) -> list[tuple[str, int]]:
+    """Server options that send clients a GOAWAY once a connection is this old (gRPC adds
+    +-10 % jitter), so long-lived clients reconnect and re-resolve, and replicas added by an
+    autoscaler get connections too. The grace after it stays gRPC's default (unbounded):
+    calls in progress on the old connection finish, none is cut. 0 or less: never."""
+    if max_connection_age_s <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", max(1, round(max_connection_age_s * 1000)))]
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without `authorization: Bearer <token>` (health/reflection excepted)."""
 

@@ -85,3 +85,10 @@ def resolve_model(path: str | os.PathLike[str] | None) -> Path:
     if not resolved.exists():
         raise FileNotFoundError(f"model not found: {resolved} (give a GGUF file or an HF folder)")
     return resolved
+
+
+def model_name(model: str | os.PathLike[str] | None) -> str:
+    """The name metrics label a model with (model_name): the file's stem or the folder's name,
+    the default model's when none is named. Needs no I/O, so it is known before loading."""
+    path = Path(model or DEFAULT_MODEL_FILE)
+    return path.stem if path.suffix in (".gguf", ".safetensors", ".model") else path.name
