@@ -92,7 +92,8 @@ def add_model_flags(
     p: argparse.ArgumentParser,
     device_help: str = "auto (default): cuda when a GPU and pycuda exist, else cpu",
 ) -> None:
-    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M)")
+    p.add_argument("--model", default=None,
+                   help="GGUF file, HF folder or Hugging Face id org/name[@rev] (default: SmolLM2-135M)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=device_help)
 
 

