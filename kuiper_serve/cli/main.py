@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "kuiper_serve.cli.serve",  # serve-inference
     "kuiper_serve.cli.up",  # up: both services on one machine
     "kuiper_serve.cli.chat",  # chat
+    "kuiper_serve.cli.bench.command",  # bench: load generator
 )
 
 
