@@ -48,11 +48,27 @@ from kuiper_serve.common.auth import Security, add_port, connection_age_options,
 from kuiper_serve.common.defaults import INFERENCE_GRACE_S, INFERENCE_METRICS_PORT, INFERENCE_PORT
 from kuiper_serve.common.health import ServerHealth
 from kuiper_serve.common.model_source import model_name
+from kuiper_serve.common.request_parsing import Undecodable, lenient_parser
 
 log = logging.getLogger("kuiper.inference")
 
 SERVICE_NAME = ipb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# The longest legal request: a prompt of context-length ids (a uint32 varint takes at most 5
+# bytes) plus a margin for text, stop strings and the other fields. Bigger requests are refused
+# before they are parsed; the transport refuses anything above TRANSPORT_MAX_REQUEST_BYTES
+# (set when the server starts, before the model and its context length are known).
+ID_BYTES = 5
+REQUEST_MARGIN_BYTES = 1 << 20
+TRANSPORT_MAX_REQUEST_BYTES = 4 << 20
+
+
+def max_request_bytes(context_length: int) -> int:
+    return min(context_length * ID_BYTES + REQUEST_MARGIN_BYTES, TRANSPORT_MAX_REQUEST_BYTES)
+
+
+DEADLINE_SLACK_S = 0.25
+
 FINISH_TO_PROTO = {
     FinishReason.LENGTH: ipb.FINISH_REASON_LENGTH,
     FinishReason.STOP: ipb.FINISH_REASON_STOP,
@@ -69,6 +85,12 @@ class ModelDescription:
 
 def _invalid(message: str) -> RpcError:
     return RpcError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _check_decodable(request: object) -> None:
+    if isinstance(request, Undecodable):
+        log.warning("refused an undecodable request: %s", request.reason)
+        raise _invalid(request.reason)
 
 
 def sampling_from_proto(p: ipb.SamplingParams, vocab_size: int) -> SamplingParams:
@@ -142,6 +164,10 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
             yield resp
 
     async def GetModelInfo(self, request, context) -> ipb.ModelInfo:
+        if isinstance(request, Undecodable):
+            log.warning("refused an undecodable request: %s", request.reason)
+            self.metrics.requests.labels("GetModelInfo", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         c = self.engine.backend.config
         self.metrics.requests.labels("GetModelInfo", "OK").inc()
         return ipb.ModelInfo(
@@ -162,6 +188,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
 
     # ---- prompts -------------------------------------------------------------------------
     async def _generate_prompt(self, request: ipb.GenerateRequest):
+        _check_decodable(request)
         params = sampling_from_proto(request.sampling, self.engine.backend.config.vocab_size)
         which = request.WhichOneof("prompt")
         if which == "text":
@@ -178,6 +205,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
         return ids, params, request.sampling.max_new_tokens
 
     async def _chat_prompt(self, request: ipb.ChatRequest):
+        _check_decodable(request)
         params = sampling_from_proto(request.sampling, self.engine.backend.config.vocab_size)
         if not request.messages:
             raise _invalid("messages is empty: send at least one message")
@@ -246,9 +274,12 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
             code = exc.code.name
             await context.abort(exc.code, exc.message)
         except (asyncio.CancelledError, GeneratorExit):
-            # Cancelled while awaiting, or closed while suspended at a yield.
+            # Cancelled while awaiting, or closed while suspended at a yield. A client whose
+            # deadline passed cancels the call itself, and that cancellation can arrive a few
+            # milliseconds before this server's copy of the deadline: count it as a deadline.
             remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            expired = remaining is not None and remaining <= DEADLINE_SLACK_S
+            code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             raise
         except Exception:
             code = "INTERNAL"
@@ -345,8 +376,34 @@ class LoadingServicer(igrpc.InferenceServiceServicer):
     """Registered before the server starts (grpc.aio takes no servicers later), so health
     answers NOT_SERVING while the model loads; calls get UNAVAILABLE until `ready` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_request_bytes: int = TRANSPORT_MAX_REQUEST_BYTES) -> None:
         self.ready: InferenceServicer | None = None
+        self.max_request_bytes = max_request_bytes  # tightened once the model is known
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Like the generated add_InferenceServiceServicer_to_server, with deserializers that
+        refuse oversized or malformed requests (INVALID_ARGUMENT) instead of raising."""
+        parse = lambda t: lenient_parser(t, lambda: self.max_request_bytes)  # noqa: E731
+        handlers = {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate,
+                request_deserializer=parse(ipb.GenerateRequest),
+                response_serializer=ipb.GenerateResponse.SerializeToString,
+            ),
+            "Chat": grpc.unary_stream_rpc_method_handler(
+                self.Chat,
+                request_deserializer=parse(ipb.ChatRequest),
+                response_serializer=ipb.GenerateResponse.SerializeToString,
+            ),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo,
+                request_deserializer=parse(ipb.GetModelInfoRequest),
+                response_serializer=ipb.ModelInfo.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
 
     async def _loading(self, context) -> None:
         await context.abort(
@@ -385,6 +442,9 @@ class ServerConfig:
     max_batch_size: int = 32
     max_waiting: int = 256
     max_num_batched_tokens: int = 512
+    # One request message at most, in bytes (None: context length x 5 + 1 MiB, capped at
+    # TRANSPORT_MAX_REQUEST_BYTES); the transport refuses anything above it (or above the cap).
+    max_request_bytes: int | None = None
     grace_s: float = INFERENCE_GRACE_S
     max_connection_age_s: float = 0.0  # 0: clients keep their connections
     tokenizer_timeout_s: float = 5.0
@@ -460,10 +520,11 @@ async def serve(cfg: ServerConfig) -> int:
         )
     except OSError as exc:
         raise ValueError(f"cannot read --tokenizer-tls-ca: {exc}") from None
+    transport_limit = cfg.max_request_bytes or TRANSPORT_MAX_REQUEST_BYTES
     server = grpc.aio.server(
         interceptors=cfg.security.interceptors(count_rejections(metrics.requests)),
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", transport_limit),
             ("grpc.so_reuseport", 0),
             *connection_age_options(cfg.max_connection_age_s),
         ],
@@ -472,8 +533,8 @@ async def serve(cfg: ServerConfig) -> int:
     await server_health.set_serving(False)
 
     # Listen first: a taken port fails at once, and health says NOT_SERVING while loading.
-    front = LoadingServicer()
-    igrpc.add_InferenceServiceServicer_to_server(front, server)
+    front = LoadingServicer(transport_limit)
+    front.add_to_server(server)
     bound = add_port(server, f"{cfg.host}:{cfg.port}", credentials)
     if bound == 0:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
@@ -488,6 +549,7 @@ async def serve(cfg: ServerConfig) -> int:
     engine.add_stats_listener(metrics.on_step)
     servicer = InferenceServicer(engine, tokenizer, metrics, model)
     servicer.start()
+    front.max_request_bytes = cfg.max_request_bytes or max_request_bytes(engine.max_model_len)
     front.ready = servicer
     if cfg.metrics_port > 0:
         metrics.serve(cfg.metrics_port, cfg.host)  # same interface as gRPC, like the tokenizer

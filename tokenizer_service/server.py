@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -34,6 +33,7 @@ from kuiper_serve.common.defaults import (
 )
 from kuiper_serve.common.health import ServerHealth
 from kuiper_serve.common.model_source import model_name
+from kuiper_serve.common.request_parsing import Undecodable, lenient_parser
 from tokenizer_service.incremental import IncrementalDecoder
 from tokenizer_service.tokenizer import Tokenizer, load_tokenizer
 
@@ -67,31 +67,6 @@ class _Abort(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass
-class _Undecodable:
-    """Stands in for a request whose bytes could not be parsed, so the handler can answer
-    INVALID_ARGUMENT (gRPC itself would answer INTERNAL for a deserializer failure)."""
-
-    reason: str
-
-
-def _lenient_parser(message_type: Any, limits: Limits) -> Callable[[bytes], Any]:
-    name = message_type.DESCRIPTOR.full_name
-
-    def parse(data: bytes) -> Any:
-        if len(data) > limits.max_request_bytes:
-            return _Undecodable(
-                f"request of {len(data)} bytes exceeds the limit of {limits.max_request_bytes} "
-                "bytes; split it into smaller requests"
-            )
-        try:
-            return message_type.FromString(data)
-        except DecodeError as exc:
-            return _Undecodable(f"cannot parse {name} ({exc}); text fields must be valid UTF-8")
-
-    return parse
 
 
 # 100 µs .. 5 s: 1, 2.5, 5 per decade.
@@ -183,7 +158,8 @@ class TokenizerServicer:
         return handler
 
     def _ready(self, request: Any) -> Tokenizer:
-        if isinstance(request, _Undecodable):
+        if isinstance(request, Undecodable):
+            log.warning("refused an undecodable request: %s", request.reason)
             raise InvalidRequest(request.reason)
         if self.tokenizer is None:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the tokenizer is still loading; retry")
@@ -344,7 +320,7 @@ class TokenizerServicer:
 
     # ---- registration ----------------------------------------------------------------------
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        parse = lambda t: _lenient_parser(t, self.limits)  # noqa: E731
+        parse = lambda t: lenient_parser(t, lambda: self.limits.max_request_bytes)  # noqa: E731
         handlers = {
             "Encode": grpc.unary_unary_rpc_method_handler(
                 self._unary("Encode", self._encode),

@@ -6,6 +6,10 @@ import math
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_NEW_TOKENS = 256
+# Floors: logits are divided by the temperature and by the repetition penalty, so values near
+# zero overflow float32 to inf and sampling turns to NaN. Below them: refused.
+MIN_TEMPERATURE = 1e-5  # other than 0 (greedy)
+MIN_REPETITION_PENALTY = 1e-2
 
 
 @dataclass(frozen=True)
@@ -34,16 +38,22 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {value}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.temperature < 0 or 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+                f"got {self.temperature:g}"
+            )
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_penalty < MIN_REPETITION_PENALTY:
+            raise ValueError(
+                f"repetition_penalty must be at least {MIN_REPETITION_PENALTY:g} (1 = off), "
+                f"got {self.repetition_penalty:g}"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**64:

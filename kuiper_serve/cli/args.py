@@ -122,6 +122,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="tokens per engine step (prefill chunks + decodes)",
     )
     p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest request message accepted (default: the model's context length x 5 bytes "
+        "+ 1 MiB, at most 4 MiB); larger ones are refused before they are parsed",
+    )
+    p.add_argument(
         "--grace",
         type=float,
         default=INFERENCE_GRACE_S,

@@ -88,6 +88,7 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_waiting=args.max_waiting,
         max_num_batched_tokens=args.max_batched_tokens,
+        max_request_bytes=args.max_request_bytes,
         grace_s=args.grace,
         max_connection_age_s=args.max_connection_age,
         security=Security(args.tls_cert, args.tls_key, args.auth_token or None),

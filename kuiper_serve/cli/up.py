@@ -226,6 +226,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         inf_cmd += ["--kv-memory", str(args.kv_memory)]
     if args.num_kv_blocks is not None:
         inf_cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    if args.max_request_bytes is not None:
+        inf_cmd += ["--max-request-bytes", str(args.max_request_bytes)]
 
     stopping = False
 

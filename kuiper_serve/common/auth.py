@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from kuiper_serve.common.request_parsing import discard
+
 # Methods reachable without the token.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -90,7 +92,9 @@ def connection_age_options(max_connection_age_s: float) -> list[tuple[str, int]]
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` (health/reflection excepted)."""
+    """Rejects calls without exactly one `authorization: Bearer <token>` header (health and
+    reflection excepted). Runs when a call starts, from its headers alone: before its body is
+    read or parsed."""
 
     def __init__(self, token: str, on_reject: Callable[[str], None] | None = None) -> None:
         if not token:
@@ -101,11 +105,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
         if details.method.startswith(OPEN_PREFIXES):
             return True
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(got, self._expected)
-        return False
+        # Exactly one header: with two, a proxy and this server could each read a different one.
+        values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        if len(values) != 1:
+            return False
+        got = values[0].encode() if isinstance(values[0], str) else values[0]
+        return hmac.compare_digest(got, self._expected)
 
     async def intercept_service(
         self,
@@ -134,8 +139,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             (True, True): grpc.stream_stream_rpc_method_handler,
         }
         make = kinds[(handler.request_streaming, handler.response_streaming)]
+        # The body of a refused call is never parsed: an unauthenticated caller costs no parse.
         return make(
             deny_stream if handler.response_streaming else deny,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=discard,
             response_serializer=handler.response_serializer,
         )
