@@ -80,8 +80,8 @@ class LLM:
         """Token ids of chat messages rendered with the model's template, ready to answer."""
         if self.tokenizer is None:
             raise ValueError(f"{self.model.source} has no tokenizer, so no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # As the tokenizer service: special-token text inside contents stays plain text.
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)[1]
 
     def chat(
         self, messages: Sequence[Mapping[str, Any]], params: SamplingParams

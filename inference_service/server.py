@@ -197,7 +197,10 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
             add_special = (
                 request.add_special_tokens if request.HasField("add_special_tokens") else True
             )
-            ids = await self.tokenizer.encode(request.text, add_special)
+            # Plain text unless the caller asks for control tokens to be read from it.
+            ids = await self.tokenizer.encode(
+                request.text, add_special, split_special_tokens=not request.parse_special_tokens
+            )
         elif which == "token_ids":
             ids = list(request.token_ids.ids)
         else:

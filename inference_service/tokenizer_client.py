@@ -110,8 +110,14 @@ class TokenizerClient:
                 raise TokenizerRequestError(code, exc.details() or code.name) from None
         raise AssertionError("unreachable")
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        req = tpb.EncodeRequest(texts=[text], add_special_tokens=add_special_tokens)
+    async def encode(
+        self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False
+    ) -> list[int]:
+        req = tpb.EncodeRequest(
+            texts=[text],
+            add_special_tokens=add_special_tokens,
+            split_special_tokens=split_special_tokens,
+        )
         resp = await self._call(self.stub.Encode, req)
         return list(resp.results[0].ids)
 

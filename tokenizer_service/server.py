@@ -193,8 +193,9 @@ class TokenizerServicer:
         for i, text in enumerate(texts):
             self._check_text(text, f"text {i}")
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        split = request.split_special_tokens
         size = sum(map(len, texts))
-        results = await _run(lambda: tok.encode_batch(texts, add_special_tokens=add), size)
+        results = await _run(lambda: tok.encode_batch(texts, add, split), size)
         self.metrics.tokens.labels("encode").inc(sum(map(len, results)))
         return pb.EncodeResponse(results=[pb.TokenIds(ids=ids) for ids in results])
 
@@ -219,8 +220,11 @@ class TokenizerServicer:
         for i, m in enumerate(request.messages):
             self._check_text(m.content, f"message {i}")
             messages.append({"role": m.role, "content": m.content})
-        text = tok.apply_chat_template(messages, request.add_generation_prompt)
-        ids = await _run(lambda: tok.encode(text, add_special_tokens=False), len(text))
+        # Only the template's markup yields control tokens; contents are plain text.
+        size = sum(len(m["content"]) for m in messages)
+        text, ids = await _run(
+            lambda: tok.encode_chat(messages, request.add_generation_prompt), size
+        )
         return pb.ChatTemplateResponse(text=text, ids=ids)
 
     async def _info(self, tok: Tokenizer, request: pb.GetTokenizerInfoRequest) -> Any:

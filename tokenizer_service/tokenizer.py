@@ -82,6 +82,12 @@ class Tokenizer(ABC):
     @abstractmethod
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
 
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with special-token text in it encoded as ordinary text (HF's
+        split_special_tokens), no BOS/EOS added. Backends that never read control tokens from
+        text (sentencepiece) need not override it."""
+        return self._encode(text, False)
+
     @abstractmethod
     def decode_unchecked(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """decode() without the range check (callers that validated already)."""
@@ -101,19 +107,80 @@ class Tokenizer(ABC):
     def validate_ids(self, ids: Sequence[int]) -> None:
         validate_ids(ids, self.vocab_size)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with add_special_tokens, BOS/EOS as the model's tokenizer adds."""
+    def encode(
+        self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False
+    ) -> list[int]:
+        """Token ids of `text`; with add_special_tokens, BOS/EOS as the model's tokenizer adds.
+        With split_special_tokens, special-token text in `text` (e.g. "<|im_end|>") is encoded
+        as plain text instead of as the control token."""
         if not isinstance(text, str):
             raise ValueError(f"text must be a str, not {type(text).__name__}")
+        if split_special_tokens and self._has_special_text(text):
+            return self._wrap_special(self._encode_plain(text), add_special_tokens)
         return self._encode(text, add_special_tokens)
 
     def encode_batch(
-        self, texts: Sequence[str], add_special_tokens: bool = True
+        self,
+        texts: Sequence[str],
+        add_special_tokens: bool = True,
+        split_special_tokens: bool = False,
     ) -> list[list[int]]:
         for text in texts:
             if not isinstance(text, str):
                 raise ValueError(f"text must be a str, not {type(text).__name__}")
+        if split_special_tokens and any(map(self._has_special_text, texts)):
+            return [self.encode(t, add_special_tokens, True) for t in texts]
         return self._encode_batch(texts, add_special_tokens)
+
+    def _has_special_text(self, text: str) -> bool:
+        return any(t in text for t in self.special_tokens.values() if t)
+
+    def _wrap_special(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        """ids with BOS/EOS as encode() adds them: taken from how the tokenizer wraps ''."""
+        if not add_special_tokens:
+            return ids
+        empty = self._encode("", True)
+        bos = [empty[0]] if empty and empty[0] == self.bos_id else []
+        eos = [empty[-1]] if empty and empty[-1] == self.eos_id and len(empty) > len(bos) else []
+        return bos + ids + eos
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False
+    ) -> tuple[str, list[int]]:
+        """The rendered chat text and its ids, where only the template's own markup yields
+        control tokens: special-token text inside a message's content is encoded as plain text,
+        so a user cannot forge turns or a system prompt."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        contents = [m.get("content") for m in messages]
+        if not any(isinstance(c, str) and self._has_special_text(c) for c in contents):
+            return text, self._encode(text, False)
+        # Render again with a placeholder per content: what lies between them is markup.
+        marked = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
+        parts = _PLACEHOLDER.split(self.apply_chat_template(marked, add_generation_prompt))
+        ids: list[int] = []
+        pos = 0
+        for k in range(0, len(parts), 2):
+            markup = parts[k]
+            if not text.startswith(markup, pos):
+                raise ChatTemplateError(_UNSEPARABLE)
+            ids += self._encode(markup, False)
+            pos += len(markup)
+            if k + 1 == len(parts):
+                break
+            content, after = str(contents[int(parts[k + 1])]), parts[k + 2]
+            # Templates may trim a content; find the form they wrote.
+            for form in dict.fromkeys(
+                (content, content.strip(), content.lstrip(), content.rstrip())
+            ):
+                if text.startswith(form + after, pos):
+                    ids += self._encode_plain(form) if form else []
+                    pos += len(form)
+                    break
+            else:
+                raise ChatTemplateError(_UNSEPARABLE)
+        if pos != len(text):
+            raise ChatTemplateError(_UNSEPARABLE)
+        return text, ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`. Raises ValueError for ids outside the vocabulary."""
@@ -173,6 +240,11 @@ class Tokenizer(ABC):
 
 
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+_UNSEPARABLE = (
+    "a message contains special-token text and this chat template changes message contents, "
+    "so they cannot be encoded apart from its markup; remove the special-token text"
+)
 
 # One U+FFFD per byte of an invalid or incomplete UTF-8 sequence, as sentencepiece decodes.
 _PER_BYTE_REPLACE = "kuiper-per-byte-replace"
@@ -239,6 +311,7 @@ class HFTokenizer(Tokenizer):
         byte_table: _ByteTable | None = None,
     ) -> None:
         self._tok = tok
+        self._plain_tok: Any = None  # built on first use (_encode_plain)
         self._byte_table = byte_table
         self.backend = backend
         self.source = source
@@ -259,6 +332,15 @@ class HFTokenizer(Tokenizer):
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def _encode_plain(self, text: str) -> list[int]:
+        # A second tokenizer whose special tokens are split like text: the setting is per
+        # tokenizer object, and the shared one serves other threads meanwhile.
+        if self._plain_tok is None:
+            plain = type(self._tok).from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tok = plain
+        return self._plain_tok.encode(text, add_special_tokens=False).ids
 
     def _encode_batch(self, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
         # encode_batch runs in parallel in Rust, without the GIL.

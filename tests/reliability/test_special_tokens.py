@@ -94,11 +94,7 @@ def test_encode_split_special_tokens(reference):
     tok = load_tokenizer(folder)
     assert tok.encode(ATTACK, add_special_tokens=False) == enc(ref, ATTACK)
     assert tok.encode(ATTACK, False, split_special_tokens=True) == enc(split, ATTACK)
-    assert (
-        tok.encode(ATTACK, True, True)
-        == ref.encode("", add_special_tokens=True).ids[:1] + enc(split, ATTACK)
-        or tok.encode(ATTACK, True, True) == split.encode(ATTACK, add_special_tokens=True).ids
-    )
+    assert tok.encode(ATTACK, True, True) == split.encode(ATTACK, add_special_tokens=True).ids
 
 
 def test_served_chat_and_generate_keep_user_text_plain(secured_stack, reference):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kuiper.v1 import tokenizer_pb2 as kuiper_dot_v1_dot_tokenizer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kuiper/v1/inference.proto\x12\tkuiper.v1\x1a\x19kuiper/v1/tokenizer.proto\"\xc0\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\xce\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.kuiper.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kuiper.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x05 \x01(\x08H\x01\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokens\"x\n\x0b\x43hatRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kuiper.v1.ChatMessage\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.kuiper.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.kuiper.v1.TopLogprob\"\x8c\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x04 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\xaf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.kuiper.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kuiper.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kuiper.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\x95\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x11\n\tnum_heads\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x15\n\rkv_block_size\x18\x0b \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xde\x01\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.kuiper.v1.GenerateRequest\x1a\x1b.kuiper.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.kuiper.v1.ChatRequest\x1a\x1b.kuiper.v1.GenerateResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.kuiper.v1.GetModelInfoRequest\x1a\x14.kuiper.v1.ModelInfoBp\n\rdev.kuiper.v1B\x0eInferenceProtoP\x01ZAgithub.com/kuiper-serve/kuiper-serve/clients/go/kuiperv1;kuiperv1\xaa\x02\tKuiper.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kuiper/v1/inference.proto\x12\tkuiper.v1\x1a\x19kuiper/v1/tokenizer.proto\"\xc0\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x8a\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.kuiper.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.kuiper.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12!\n\x14parse_special_tokens\x18\x06 \x01(\x08H\x02\x88\x01\x01\x42\x08\n\x06promptB\x15\n\x13_add_special_tokensB\x17\n\x15_parse_special_tokens\"x\n\x0b\x43hatRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kuiper.v1.ChatMessage\x12+\n\x08sampling\x18\x02 \x01(\x0b\x32\x19.kuiper.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.kuiper.v1.TopLogprob\"\x8c\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x04 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\r\"\xaf\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.kuiper.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.kuiper.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.kuiper.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\x95\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x11\n\tnum_heads\x18\x07 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x08 \x01(\r\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x15\n\rkv_block_size\x18\x0b \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x0c \x01(\r\x12\x16\n\x0emax_batch_size\x18\r \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xde\x01\n\x10InferenceService\x12\x45\n\x08Generate\x12\x1a.kuiper.v1.GenerateRequest\x1a\x1b.kuiper.v1.GenerateResponse0\x01\x12=\n\x04\x43hat\x12\x16.kuiper.v1.ChatRequest\x1a\x1b.kuiper.v1.GenerateResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.kuiper.v1.GetModelInfoRequest\x1a\x14.kuiper.v1.ModelInfoBp\n\rdev.kuiper.v1B\x0eInferenceProtoP\x01ZAgithub.com/kuiper-serve/kuiper-serve/clients/go/kuiperv1;kuiperv1\xaa\x02\tKuiper.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kuiper.v1.inference_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.kuiper.v1B\016InferenceProtoP\001ZAgithub.com/kuiper-serve/kuiper-serve/clients/go/kuiperv1;kuiperv1\252\002\tKuiper.V1'
-  _globals['_FINISHREASON']._serialized_start=1482
-  _globals['_FINISHREASON']._serialized_end=1629
+  _globals['_FINISHREASON']._serialized_start=1542
+  _globals['_FINISHREASON']._serialized_end=1689
   _globals['_SAMPLINGPARAMS']._serialized_start=68
   _globals['_SAMPLINGPARAMS']._serialized_end=388
   _globals['_GENERATEREQUEST']._serialized_start=391
-  _globals['_GENERATEREQUEST']._serialized_end=597
-  _globals['_CHATREQUEST']._serialized_start=599
-  _globals['_CHATREQUEST']._serialized_end=719
-  _globals['_TOPLOGPROB']._serialized_start=721
-  _globals['_TOPLOGPROB']._serialized_end=768
-  _globals['_TOKENLOGPROB']._serialized_start=770
-  _globals['_TOKENLOGPROB']._serialized_end=855
-  _globals['_USAGE']._serialized_start=858
-  _globals['_USAGE']._serialized_end=998
-  _globals['_GENERATERESPONSE']._serialized_start=1001
-  _globals['_GENERATERESPONSE']._serialized_end=1176
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1178
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1199
-  _globals['_MODELINFO']._serialized_start=1202
-  _globals['_MODELINFO']._serialized_end=1479
-  _globals['_INFERENCESERVICE']._serialized_start=1632
-  _globals['_INFERENCESERVICE']._serialized_end=1854
+  _globals['_GENERATEREQUEST']._serialized_end=657
+  _globals['_CHATREQUEST']._serialized_start=659
+  _globals['_CHATREQUEST']._serialized_end=779
+  _globals['_TOPLOGPROB']._serialized_start=781
+  _globals['_TOPLOGPROB']._serialized_end=828
+  _globals['_TOKENLOGPROB']._serialized_start=830
+  _globals['_TOKENLOGPROB']._serialized_end=915
+  _globals['_USAGE']._serialized_start=918
+  _globals['_USAGE']._serialized_end=1058
+  _globals['_GENERATERESPONSE']._serialized_start=1061
+  _globals['_GENERATERESPONSE']._serialized_end=1236
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1238
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1259
+  _globals['_MODELINFO']._serialized_start=1262
+  _globals['_MODELINFO']._serialized_end=1539
+  _globals['_INFERENCESERVICE']._serialized_start=1692
+  _globals['_INFERENCESERVICE']._serialized_end=1914
 # @@protoc_insertion_point(module_scope)

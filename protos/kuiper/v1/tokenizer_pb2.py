@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kuiper/v1/tokenizer.proto\x12\tkuiper.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"V\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"6\n\x0e\x45ncodeResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.kuiper.v1.TokenIds\"T\n\rDecodeRequest\x12&\n\tsequences\x18\x01 \x03(\x0b\x32\x13.kuiper.v1.TokenIds\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1f\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05texts\x18\x01 \x03(\t\"s\n\x0bSequenceIds\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x13\n\x0b\x63ontext_ids\x18\x03 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x04 \x01(\x08\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"@\n\x13\x44\x65\x63odeStreamRequest\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.kuiper.v1.SequenceIds\"2\n\rSequenceDelta\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"@\n\x14\x44\x65\x63odeStreamResponse\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.kuiper.v1.SequenceDelta\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"^\n\x13\x43hatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kuiper.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"1\n\x14\x43hatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\x19\n\x17GetTokenizerInfoRequest\"+\n\x0cSpecialToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x82\x02\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x13\n\x06\x62os_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x65os_id\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06pad_id\x18\x04 \x01(\rH\x02\x88\x01\x01\x12/\n\x0especial_tokens\x18\x05 \x03(\x0b\x32\x17.kuiper.v1.SpecialToken\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x10\n\x08stop_ids\x18\t \x03(\rB\t\n\x07_bos_idB\t\n\x07_eos_idB\t\n\x07_pad_id2\x8d\x03\n\x10TokenizerService\x12=\n\x06\x45ncode\x12\x18.kuiper.v1.EncodeRequest\x1a\x19.kuiper.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.kuiper.v1.DecodeRequest\x1a\x19.kuiper.v1.DecodeResponse\x12S\n\x0c\x44\x65\x63odeStream\x12\x1e.kuiper.v1.DecodeStreamRequest\x1a\x1f.kuiper.v1.DecodeStreamResponse(\x01\x30\x01\x12T\n\x11\x41pplyChatTemplate\x12\x1e.kuiper.v1.ChatTemplateRequest\x1a\x1f.kuiper.v1.ChatTemplateResponse\x12P\n\x10GetTokenizerInfo\x12\".kuiper.v1.GetTokenizerInfoRequest\x1a\x18.kuiper.v1.TokenizerInfoBp\n\rdev.kuiper.v1B\x0eTokenizerProtoP\x01ZAgithub.com/kuiper-serve/kuiper-serve/clients/go/kuiperv1;kuiperv1\xaa\x02\tKuiper.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kuiper/v1/tokenizer.proto\x12\tkuiper.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x92\x01\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12!\n\x14split_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x15\n\x13_add_special_tokensB\x17\n\x15_split_special_tokens\"6\n\x0e\x45ncodeResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.kuiper.v1.TokenIds\"T\n\rDecodeRequest\x12&\n\tsequences\x18\x01 \x03(\x0b\x32\x13.kuiper.v1.TokenIds\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\x1f\n\x0e\x44\x65\x63odeResponse\x12\r\n\x05texts\x18\x01 \x03(\t\"s\n\x0bSequenceIds\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x0b\n\x03ids\x18\x02 \x03(\r\x12\x13\n\x0b\x63ontext_ids\x18\x03 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x04 \x01(\x08\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\"@\n\x13\x44\x65\x63odeStreamRequest\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.kuiper.v1.SequenceIds\"2\n\rSequenceDelta\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"@\n\x14\x44\x65\x63odeStreamResponse\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.kuiper.v1.SequenceDelta\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"^\n\x13\x43hatTemplateRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.kuiper.v1.ChatMessage\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\"1\n\x14\x43hatTemplateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\r\"\x19\n\x17GetTokenizerInfoRequest\"+\n\x0cSpecialToken\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x82\x02\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x13\n\x06\x62os_id\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x65os_id\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06pad_id\x18\x04 \x01(\rH\x02\x88\x01\x01\x12/\n\x0especial_tokens\x18\x05 \x03(\x0b\x32\x17.kuiper.v1.SpecialToken\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x10\n\x08stop_ids\x18\t \x03(\rB\t\n\x07_bos_idB\t\n\x07_eos_idB\t\n\x07_pad_id2\x8d\x03\n\x10TokenizerService\x12=\n\x06\x45ncode\x12\x18.kuiper.v1.EncodeRequest\x1a\x19.kuiper.v1.EncodeResponse\x12=\n\x06\x44\x65\x63ode\x12\x18.kuiper.v1.DecodeRequest\x1a\x19.kuiper.v1.DecodeResponse\x12S\n\x0c\x44\x65\x63odeStream\x12\x1e.kuiper.v1.DecodeStreamRequest\x1a\x1f.kuiper.v1.DecodeStreamResponse(\x01\x30\x01\x12T\n\x11\x41pplyChatTemplate\x12\x1e.kuiper.v1.ChatTemplateRequest\x1a\x1f.kuiper.v1.ChatTemplateResponse\x12P\n\x10GetTokenizerInfo\x12\".kuiper.v1.GetTokenizerInfoRequest\x1a\x18.kuiper.v1.TokenizerInfoBp\n\rdev.kuiper.v1B\x0eTokenizerProtoP\x01ZAgithub.com/kuiper-serve/kuiper-serve/clients/go/kuiperv1;kuiperv1\xaa\x02\tKuiper.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.kuiper.v1B\016TokenizerProtoP\001ZAgithub.com/kuiper-serve/kuiper-serve/clients/go/kuiperv1;kuiperv1\252\002\tKuiper.V1'
   _globals['_TOKENIDS']._serialized_start=40
   _globals['_TOKENIDS']._serialized_end=63
-  _globals['_ENCODEREQUEST']._serialized_start=65
-  _globals['_ENCODEREQUEST']._serialized_end=151
-  _globals['_ENCODERESPONSE']._serialized_start=153
-  _globals['_ENCODERESPONSE']._serialized_end=207
-  _globals['_DECODEREQUEST']._serialized_start=209
-  _globals['_DECODEREQUEST']._serialized_end=293
-  _globals['_DECODERESPONSE']._serialized_start=295
-  _globals['_DECODERESPONSE']._serialized_end=326
-  _globals['_SEQUENCEIDS']._serialized_start=328
-  _globals['_SEQUENCEIDS']._serialized_end=443
-  _globals['_DECODESTREAMREQUEST']._serialized_start=445
-  _globals['_DECODESTREAMREQUEST']._serialized_end=509
-  _globals['_SEQUENCEDELTA']._serialized_start=511
-  _globals['_SEQUENCEDELTA']._serialized_end=561
-  _globals['_DECODESTREAMRESPONSE']._serialized_start=563
-  _globals['_DECODESTREAMRESPONSE']._serialized_end=627
-  _globals['_CHATMESSAGE']._serialized_start=629
-  _globals['_CHATMESSAGE']._serialized_end=673
-  _globals['_CHATTEMPLATEREQUEST']._serialized_start=675
-  _globals['_CHATTEMPLATEREQUEST']._serialized_end=769
-  _globals['_CHATTEMPLATERESPONSE']._serialized_start=771
-  _globals['_CHATTEMPLATERESPONSE']._serialized_end=820
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=822
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=847
-  _globals['_SPECIALTOKEN']._serialized_start=849
-  _globals['_SPECIALTOKEN']._serialized_end=892
-  _globals['_TOKENIZERINFO']._serialized_start=895
-  _globals['_TOKENIZERINFO']._serialized_end=1153
-  _globals['_TOKENIZERSERVICE']._serialized_start=1156
-  _globals['_TOKENIZERSERVICE']._serialized_end=1553
+  _globals['_ENCODEREQUEST']._serialized_start=66
+  _globals['_ENCODEREQUEST']._serialized_end=212
+  _globals['_ENCODERESPONSE']._serialized_start=214
+  _globals['_ENCODERESPONSE']._serialized_end=268
+  _globals['_DECODEREQUEST']._serialized_start=270
+  _globals['_DECODEREQUEST']._serialized_end=354
+  _globals['_DECODERESPONSE']._serialized_start=356
+  _globals['_DECODERESPONSE']._serialized_end=387
+  _globals['_SEQUENCEIDS']._serialized_start=389
+  _globals['_SEQUENCEIDS']._serialized_end=504
+  _globals['_DECODESTREAMREQUEST']._serialized_start=506
+  _globals['_DECODESTREAMREQUEST']._serialized_end=570
+  _globals['_SEQUENCEDELTA']._serialized_start=572
+  _globals['_SEQUENCEDELTA']._serialized_end=622
+  _globals['_DECODESTREAMRESPONSE']._serialized_start=624
+  _globals['_DECODESTREAMRESPONSE']._serialized_end=688
+  _globals['_CHATMESSAGE']._serialized_start=690
+  _globals['_CHATMESSAGE']._serialized_end=734
+  _globals['_CHATTEMPLATEREQUEST']._serialized_start=736
+  _globals['_CHATTEMPLATEREQUEST']._serialized_end=830
+  _globals['_CHATTEMPLATERESPONSE']._serialized_start=832
+  _globals['_CHATTEMPLATERESPONSE']._serialized_end=881
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=883
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=908
+  _globals['_SPECIALTOKEN']._serialized_start=910
+  _globals['_SPECIALTOKEN']._serialized_end=953
+  _globals['_TOKENIZERINFO']._serialized_start=956
+  _globals['_TOKENIZERINFO']._serialized_end=1214
+  _globals['_TOKENIZERSERVICE']._serialized_start=1217
+  _globals['_TOKENIZERSERVICE']._serialized_end=1614
 # @@protoc_insertion_point(module_scope)
