@@ -44,6 +44,7 @@ from inference_service.tokenizer_client import (
     TokenizerRequestError,
     TokenizerUnavailableError,
 )
+from inference_service.watchdog import DEFAULT_STALL_S, watch_engine
 from kuiper_serve.common.auth import Security, add_port, connection_age_options, count_rejections
 from kuiper_serve.common.defaults import INFERENCE_GRACE_S, INFERENCE_METRICS_PORT, INFERENCE_PORT
 from kuiper_serve.common.health import ServerHealth
@@ -451,6 +452,8 @@ class ServerConfig:
     grace_s: float = INFERENCE_GRACE_S
     max_connection_age_s: float = 0.0  # 0: clients keep their connections
     tokenizer_timeout_s: float = 5.0
+    # Health turns NOT_SERVING when the engine thread is stuck in one step this long.
+    engine_stall_s: float = DEFAULT_STALL_S
     security: Security = field(default_factory=Security)
     # The connection to the tokenizer service: TLS when tokenizer_tls or tokenizer_tls_ca.
     tokenizer_tls: bool = False
@@ -508,6 +511,25 @@ def _build_engine(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
     return engine, ModelDescription(source=str(path), dtype=model.dtype)
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # numpy raises MemoryError; pycuda its own MemoryError class; CUDA says "out of memory".
+    return type(exc).__name__ == "MemoryError" or "out of memory" in str(exc).lower()
+
+
+def _build_engine_explained(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
+    """_build_engine, with running out of memory turned into what to lower."""
+    try:
+        return _build_engine(cfg)
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise RuntimeError(
+            f"not enough {'device' if cfg.device != 'cpu' else 'host'} memory for the model and "
+            f"its KV cache ({type(exc).__name__}: {exc}); lower --kv-memory or --num-kv-blocks "
+            "(or --max-batch-size / --max-batched-tokens), or pick a smaller model"
+        ) from None
+
+
 async def serve(cfg: ServerConfig) -> int:
     """Raises ValueError (bad TLS files) or OSError (port taken) when it cannot start."""
     metrics = InferenceMetrics(model_name=model_name(cfg.model))  # before the slow load
@@ -544,7 +566,15 @@ async def serve(cfg: ServerConfig) -> int:
     await server.start()
     t0 = time.monotonic()
     print(f"loading model {cfg.model or '(default)'} ...", flush=True)
-    engine, model = await asyncio.to_thread(_build_engine, cfg)
+    try:
+        engine, model = await asyncio.to_thread(_build_engine_explained, cfg)
+    except BaseException:
+        # Stop the listening server here, on its loop: left to the garbage collector it
+        # schedules AioServer.shutdown on a closed loop (asyncio noise after the real error).
+        await server.stop(0)
+        with contextlib.suppress(Exception):
+            await tokenizer.close()
+        raise
     print(f"loaded {model.source} in {time.monotonic() - t0:.1f}s", flush=True)
     engine.start()
     metrics.kv_total.set(engine.num_blocks)
@@ -569,6 +599,9 @@ async def serve(cfg: ServerConfig) -> int:
     # answers soon; a tokenizer still starting up does not hold up health (retried above).
     await asyncio.wait({stop_ids_task}, timeout=5.0)
     await server_health.set_serving(True)
+    watchdog = asyncio.create_task(
+        watch_engine(engine, server_health.set_serving, cfg.engine_stall_s)
+    )
     print(
         f"inference service: {model.source} on {engine.backend.device_name}, "
         f"{engine.num_blocks} KV blocks x {engine.block_manager.block_size} tokens; "
@@ -594,6 +627,7 @@ async def serve(cfg: ServerConfig) -> int:
         await asyncio.sleep(0.05)
     await server.stop(max(0.0, deadline - time.monotonic()))
     stop_ids_task.cancel()
+    watchdog.cancel()
     await servicer.router.stop()
     await asyncio.to_thread(engine.stop)
     with contextlib.suppress(Exception):

@@ -30,6 +30,9 @@ from inference_service.sampling.params import SampleOutput, SamplingParams
 log = logging.getLogger(__name__)
 
 
+HEARTBEAT_S = 1.0  # an idle engine thread still beats this often
+
+
 class QueueFullError(Exception):
     """The waiting queue is at its bound; the caller should retry later."""
 
@@ -114,6 +117,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.last_stats: StepStats | None = None
+        # When the engine thread last came round its loop (time.monotonic()): a value that
+        # stops moving while the thread lives means a step is stuck (see watchdog.py).
+        self.heartbeat = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -230,6 +236,7 @@ class Engine:
     def _loop(self) -> None:
         try:
             while True:
+                self.heartbeat = time.monotonic()
                 if not self._drain_inbox(block=not self.scheduler.has_unfinished()):
                     break
                 if self.scheduler.has_unfinished():
@@ -250,7 +257,8 @@ class Engine:
         """Apply queued commands; False when asked to stop."""
         while True:
             try:
-                kind, arg = self._inbox.get(block=block)
+                # An idle engine wakes once a second, so its heartbeat stays fresh.
+                kind, arg = self._inbox.get(block=block, timeout=HEARTBEAT_S if block else None)
             except queue.Empty:
                 return True
             block = False

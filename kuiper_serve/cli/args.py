@@ -130,6 +130,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "+ 1 MiB, at most 4 MiB); larger ones are refused before they are parsed",
     )
     p.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="health turns NOT_SERVING when one engine step runs longer than this (default 60)",
+    )
+    p.add_argument(
         "--grace",
         type=float,
         default=INFERENCE_GRACE_S,

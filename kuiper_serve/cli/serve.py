@@ -89,6 +89,7 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
         max_waiting=args.max_waiting,
         max_num_batched_tokens=args.max_batched_tokens,
         max_request_bytes=args.max_request_bytes,
+        engine_stall_s=args.engine_stall_timeout,
         grace_s=args.grace,
         max_connection_age_s=args.max_connection_age,
         security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
