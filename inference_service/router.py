@@ -6,6 +6,12 @@ previous step's answer), and, as answers come back in order, matches stop string
 text (holding back what could start one) and puts a `Delta` on each request's asyncio queue.
 So every step reaches the clients as its own message; only when more than MAX_BACKLOG steps
 pile up (the loop or the tokenizer fall behind) are they merged into one message.
+
+When the DecodeStream breaks (the tokenizer service restarted), the tokenizer's per-sequence
+state is gone. Each open sequence is then reopened on the new stream with, as context, the
+last ids whose text its client already has, and the ids whose text never came back are sent
+again; so streams pause while the tokenizer is away and continue when it is back (within
+REPLAY_TIMEOUT_S, else UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,6 +39,8 @@ from inference_service.tokenizer_client import (
 log = logging.getLogger(__name__)
 
 CONTEXT_IDS = 16  # prompt ids sent when a sequence opens: enough for leading-space rules
+REPLAY_TIMEOUT_S = 30.0  # how long a sequence may wait for the tokenizer service to come back
+RETRY_S = 0.1  # how often sequences waiting for it are retried
 
 
 class RpcError(Exception):
@@ -56,21 +65,36 @@ class Delta:
 
 
 @dataclass
+class _Merged:
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[SampleOutput] = field(default_factory=list)
+    last: RequestOutput | None = None
+    order: int = 0  # which _send built it: replayed ids go back in this order
+
+    def extend(self, other: _Merged) -> None:
+        self.ids.extend(other.ids)
+        self.logprobs.extend(other.logprobs)
+        self.last = other.last or self.last
+
+
+@dataclass
 class LiveRequest:
     request_id: int
-    context_ids: list[int]
+    context_ids: list[int]  # the last ids whose text the client has (the prompt's at first)
     matcher: StopStringMatcher
     queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
     opened_epoch: int | None = None  # DecodeStream epoch its detokenizer state lives in
     closed: bool = False  # a finished=True message for it was sent
     done: bool = False  # its last Delta was delivered
-
-
-@dataclass
-class _Merged:
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[SampleOutput] = field(default_factory=list)
-    last: RequestOutput | None = None
+    # Ids delivered to the client whose text the tokenizer still holds back (an incomplete
+    # character): decoded again when the sequence is reopened.
+    unemitted: list[int] = field(default_factory=list)
+    in_flight: int = 0  # DecodeStream messages carrying it that are not answered yet
+    answered: bool = False  # the tokenizer has answered for it at least once
+    # Waiting to be reopened on a new stream: ids whose answers were lost with the old one
+    # and ids of later steps (sorted by _Merged.order when sent); since when it waits.
+    pending: list[_Merged] = field(default_factory=list)
+    waiting_since: float | None = None
 
 
 MAX_SEQUENCES_PER_MESSAGE = 1024  # the tokenizer service's limit per DecodeStream message
@@ -88,6 +112,8 @@ class OutputRouter:
         self._closes: list[int] = []  # opened sequences to close on the tokenizer side
         self._wake = asyncio.Event()
         self._in_flight: asyncio.Queue[tuple[asyncio.Future, list[_Target]]] = asyncio.Queue()
+        self._reopen: dict[int, LiveRequest] = {}  # sequences to reopen on a new stream
+        self._order = 0  # counts _send calls
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
@@ -123,6 +149,7 @@ class OutputRouter:
         """The RPC ended (finished, cancelled, failed): stop the sequence if it still runs
         and drop its detokenizer state."""
         req = self._live.pop(request_id, None)
+        self._reopen.pop(request_id, None)
         if req is None:
             return
         if not req.done:
@@ -137,9 +164,16 @@ class OutputRouter:
     # ---- writing: one message per step -----------------------------------------------------
     async def _write_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            if self._reopen:  # retry them even when no step comes (e.g. all finished)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RETRY_S):
+                        await self._wake.wait()
+            else:
+                await self._wake.wait()
             self._wake.clear()
-            while self._steps or self._closes:
+            retry = bool(self._reopen)
+            while self._steps or self._closes or retry:
+                retry = False
                 if len(self._steps) > MAX_BACKLOG:
                     outputs = [o for step in self._steps for o in step]
                     self._steps.clear()
@@ -152,12 +186,13 @@ class OutputRouter:
                     log.exception("output router: sending a step failed")
 
     async def _send(self, outputs: list[RequestOutput], closes: list[int]) -> None:
+        self._order += 1
         merged: dict[int, _Merged] = {}
         for out in outputs:
             req = self._live.get(out.request_id)
             if req is None or req.done:
                 continue
-            m = merged.setdefault(out.request_id, _Merged())
+            m = merged.setdefault(out.request_id, _Merged(order=self._order))
             m.ids.extend(out.new_token_ids)
             m.logprobs.extend(out.new_logprobs)
             m.last = out
@@ -172,12 +207,9 @@ class OutputRouter:
             if last.finish_reason is FinishReason.ERROR:
                 self._fail(req, grpc.StatusCode.INTERNAL, last.error or "engine error")
                 continue
-            if req.opened_epoch is not None and req.opened_epoch != epoch:
-                self._fail(
-                    req,
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the tokenizer service restarted during this stream; retry the request",
-                )
+            stale = req.opened_epoch is not None and req.opened_epoch != epoch
+            if stale or req.request_id in self._reopen:
+                self._hold(req, m)  # its detokenizer state is gone: reopened below
                 continue
             if req.opened_epoch is None and not m.ids:
                 if last.finished:  # ended before producing anything (e.g. cancelled while queued)
@@ -191,6 +223,7 @@ class OutputRouter:
             req.closed = last.finished
             items.append(seq)
             targets.append((req, m))
+        self._reopen_ready(items, targets, epoch)
         for rid in closes:
             items.append(tpb.SequenceIds(sequence_id=rid, finished=True))
         # The tokenizer service takes at most 1024 sequences per message.
@@ -199,13 +232,72 @@ class OutputRouter:
             part_targets = targets[start : start + MAX_SEQUENCES_PER_MESSAGE]
             try:
                 fut = await self.decoder.send(part)
-            except (TokenizerUnavailableError, TokenizerRequestError) as exc:
+            except TokenizerUnavailableError as exc:
+                for req, m in targets[start:]:
+                    self._lose(req, m, exc)
+                return
+            except TokenizerRequestError as exc:
                 self._fail_all(targets[start:], exc)
                 return
             if part_targets:
+                for req, _ in part_targets:
+                    req.in_flight += 1
                 self._in_flight.put_nowait((fut, part_targets))
             else:
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # closes only
+
+    # ---- reopening after the DecodeStream broke ---------------------------------------------
+    def _wait_for_reopen(self, req: LiveRequest) -> None:
+        if req.waiting_since is None:
+            req.waiting_since = time.monotonic()
+        self._reopen[req.request_id] = req
+        self._wake.set()
+
+    def _lose(self, req: LiveRequest, m: _Merged, error: TokenizerUnavailableError) -> None:
+        """m's text was lost with the stream (or never sent): send its ids again. A request
+        that never had an answer fails at once instead (UNAVAILABLE: clients retry those)."""
+        if req.done:
+            return
+        if not req.answered:
+            self._fail(req, grpc.StatusCode.UNAVAILABLE, str(error))
+            return
+        req.pending.append(m)
+        self._wait_for_reopen(req)
+
+    def _hold(self, req: LiveRequest, m: _Merged) -> None:
+        """A step for a sequence waiting to be reopened."""
+        req.pending.append(m)
+        self._wait_for_reopen(req)
+
+    def _reopen_ready(self, items: list[tpb.SequenceIds], targets: list[_Target], epoch: int):
+        """Reopen, on the current stream, each waiting sequence whose old messages have all
+        been answered or lost: context = ids whose text its client has, ids = the rest."""
+        now = time.monotonic()
+        for rid, req in list(self._reopen.items()):
+            if req.done:
+                del self._reopen[rid]
+                continue
+            if req.in_flight:
+                continue  # an old message may still add to what was lost
+            if now - (req.waiting_since or now) > REPLAY_TIMEOUT_S:
+                del self._reopen[rid]
+                self._fail(req, grpc.StatusCode.UNAVAILABLE,
+                           "the tokenizer service has been away for "
+                           f"{REPLAY_TIMEOUT_S:g}s during this stream; retry the request")  # fmt: skip
+                continue
+            del self._reopen[rid]
+            m = _Merged()
+            for part in sorted(req.pending, key=lambda p: p.order):
+                m.extend(part)
+                m.order = part.order
+            req.pending = []
+            finished = m.last is not None and m.last.finished
+            items.append(tpb.SequenceIds(
+                sequence_id=rid, ids=req.unemitted + m.ids, finished=finished,
+                context_ids=req.context_ids, skip_special_tokens=True))  # fmt: skip
+            req.opened_epoch = epoch
+            req.closed = finished
+            targets.append((req, m))
 
     # ---- delivering: answers in order ----------------------------------------------------
     async def _deliver_loop(self) -> None:
@@ -214,15 +306,22 @@ class OutputRouter:
             try:
                 async with asyncio.timeout(self.decoder.client.timeout_s):
                     texts = await fut
-            except TimeoutError:
-                self.decoder.reset()
-                self._fail_all(
-                    targets, self.decoder.client.unavailable("DecodeStream: no answer in time")
-                )
+            except (TimeoutError, TokenizerUnavailableError) as exc:
+                error = exc
+                if isinstance(exc, TimeoutError):
+                    error = self.decoder.client.unavailable("DecodeStream: no answer in time")
+                    self.decoder.reset(error)
+                for req, m in targets:  # the stream broke: reopen on the next one
+                    req.in_flight -= 1
+                    self._lose(req, m, error)
                 continue
-            except (TokenizerUnavailableError, TokenizerRequestError) as exc:
+            except TokenizerRequestError as exc:
+                for req, _ in targets:
+                    req.in_flight -= 1
                 self._fail_all(targets, exc)
                 continue
+            for req, _ in targets:
+                req.in_flight -= 1
             try:
                 self._deliver(targets, texts)
             except Exception:
@@ -237,6 +336,14 @@ class OutputRouter:
                 continue
             last = m.last
             assert last is not None
+            # What the tokenizer has turned into text: the context of a reopened sequence.
+            if text:
+                req.context_ids = (req.context_ids + req.unemitted + m.ids)[-CONTEXT_IDS:]
+                req.unemitted = []
+            else:
+                req.unemitted += m.ids
+            req.waiting_since = None
+            req.answered = True
             emit, stopped = req.matcher.feed(text)
             if stopped:
                 self.engine.abort(req.request_id)

@@ -172,7 +172,10 @@ class DecodeStreamMux:
         return self.client.unavailable(f"DecodeStream: {type(exc).__name__} {exc}".strip())
 
     def _status_error(self, code: grpc.StatusCode, details: str | None) -> Exception:
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        # grpc's own "Internal error from Core" (not the server's INTERNAL): the connection
+        # broke under a write, e.g. the tokenizer process was killed.
+        broken = code == grpc.StatusCode.INTERNAL and details == "Internal error from Core"
+        if broken or code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             return self.client.unavailable(f"DecodeStream: {details}")
         return TokenizerRequestError(code, details or code.name)
 
@@ -186,6 +189,8 @@ class DecodeStreamMux:
                     code, details = await call.code(), await call.details()
                 if code != grpc.StatusCode.OK:
                     return self._status_error(code, details)
+            # No status of its own: the connection went (e.g. the tokenizer was killed).
+            return self.client.unavailable(f"DecodeStream write failed: {exc.details()}")
         return self._error(exc)
 
     def reset(self, error: Exception | None = None) -> None:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kuiper_serve.cli.args import add_engine_flags, add_model_flags, add_security_arguments
@@ -27,7 +28,8 @@ def register(subparsers) -> None:
         "up",
         help="start the tokenizer and inference services together",
         description="Start both services as separate processes, wait until both are "
-        "healthy, print where they listen, and serve until Ctrl-C / SIGTERM.",
+        "healthy, print where they listen, and serve until Ctrl-C / SIGTERM. A service that "
+        "exits is restarted after a backoff (1, 2, 4 ... 30 s), five crashes in a row stop both.",
     )
     add_model_flags(u)
     u.add_argument("--host", default=DEFAULT_HOST,
@@ -173,6 +175,75 @@ def _run_demo(
         )
 
 
+RESTART_FIRST_S = 1.0  # backoff before the first restart of a crashed child; doubles
+RESTART_MAX_S = 30.0
+RESTART_GIVE_UP = 5  # crashes in a row (each within STABLE_S of its start): stop everything
+STABLE_S = 60.0  # a child that ran this long starts its backoff over
+
+
+@dataclass
+class _Child:
+    """One service `kuiper up` runs, and how to start it again."""
+
+    name: str
+    cmd: list[str]
+    address: str
+    service: str  # the health service name it reports
+    log: Path  # named by port: two `kuiper up` on one machine keep separate logs
+    started_at: float = 0.0
+    crashes: int = 0  # in a row
+
+    def launch(self, env: dict[str, str], append: bool) -> subprocess.Popen:
+        self.started_at = time.monotonic()
+        with open(self.log, "ab" if append else "wb") as log_file:
+            # Own session: Ctrl-C reaches only us, and we stop the children in order.
+            return subprocess.Popen(
+                self.cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )  # fmt: skip
+
+
+def _supervise(
+    children: tuple[_Child, ...],
+    procs: list[subprocess.Popen],
+    env: dict[str, str],
+    startup_timeout: float,
+    tls_ca: str | None,
+) -> bool:
+    """Restart a child that exits, after a backoff (1, 2, 4 ... 30 s), and say so. Returns
+    False (stop everything) after RESTART_GIVE_UP crashes in a row of one child. Ends with
+    KeyboardInterrupt (the stop signal)."""
+    while True:
+        time.sleep(0.5)
+        for i, child in enumerate(children):
+            code = procs[i].poll()
+            if code is None:
+                continue
+            child.crashes = (
+                1 if time.monotonic() - child.started_at > STABLE_S else child.crashes + 1
+            )
+            tail = _log_tail(child.log)
+            if child.crashes >= RESTART_GIVE_UP:
+                print(f"kuiper up: {child.name} service exited ({code}) {child.crashes} times in "
+                      f"a row; stopping\n{tail}", file=sys.stderr)  # fmt: skip
+                return False
+            delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** (child.crashes - 1))
+            print(f"kuiper up: {child.name} service exited ({code}); restarting it in "
+                  f"{delay:g}s (restart {child.crashes} in a row)\n{tail}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(delay)
+            procs[i] = child.launch(env, append=True)
+            try:
+                wait_healthy(child.address, procs[i], startup_timeout, child.service, tls_ca)
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"kuiper up: restarted {child.name} service {exc}", file=sys.stderr)
+                procs[i].kill()
+                continue  # seen as exited (or killed by the timeout) on the next round
+            print(f"kuiper up: {child.name} service restarted (pid {procs[i].pid}) and healthy",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from kuiper_serve.common.model_source import kuiper_home, resolve_model
 
@@ -212,6 +283,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--metrics-port", str(args.metrics_port), "--block-size", str(args.block_size),
         "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting),
         "--max-batched-tokens", str(args.max_batched_tokens), "--grace", str(args.grace),
+        "--engine-stall-timeout", str(args.engine_stall_timeout),
     ]  # fmt: skip
     # Same TLS and token on both; the token travels in the environment (not seen in ps).
     tls_ca = (args.tls_ca or args.tls_cert) if args.tls_cert else None
@@ -242,23 +314,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.auth_token:
         env[AUTH_TOKEN_ENV] = args.auth_token
     started = {}
+    children = (
+        _Child("tokenizer", tok_cmd, tok_addr, "", logs / f"tokenizer-{args.tokenizer_port}.log"),
+        _Child("inference", inf_cmd, inf_addr, "kuiper.v1.InferenceService",
+               logs / f"inference-{args.port}.log"),
+    )  # fmt: skip
     try:
-        for name, cmd, addr, service in (
-            ("tokenizer", tok_cmd, tok_addr, ""),
-            ("inference", inf_cmd, inf_addr, "kuiper.v1.InferenceService"),
-        ):
-            # Named by port: two `kuiper up` on one machine keep separate logs.
-            log_path = logs / f"{name}-{addr.rsplit(':', 1)[1]}.log"
-            with open(log_path, "wb") as log_file:
-                # Own session: Ctrl-C reaches only us, and we stop the children in order.
-                proc = subprocess.Popen(
-                    cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                )  # fmt: skip
+        for child in children:
+            name, addr, service, log_path = child.name, child.address, child.service, child.log
+            proc = child.launch(env, append=False)
             procs.append(proc)
             started[name] = (proc, log_path)
-            print(f"starting {name} service (log: {log_path}) ...", flush=True)
+            print(f"starting {name} service (pid {proc.pid}, log: {log_path}) ...", flush=True)
             try:
                 wait_healthy(addr, proc, args.startup_timeout, service, tls_ca)
             except (RuntimeError, TimeoutError) as exc:
@@ -283,14 +350,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 return 1
         if not args.exit_after_demo:
             print("serving; Ctrl-C to stop", flush=True)
-            while all(p.poll() is None for p in procs):
-                time.sleep(0.5)
-            for name, (proc, log_path) in started.items():
-                if proc.poll() is not None:
-                    print(f"kuiper up: {name} service exited ({proc.returncode}); stopping\n"
-                          f"{_log_tail(log_path)}", file=sys.stderr)  # fmt: skip
-            _stop(procs)
-            return 1
+            if not _supervise(children, procs, env, args.startup_timeout, tls_ca):
+                _stop(list(reversed(procs)))
+                return 1
     except KeyboardInterrupt:
         pass
     finally:
