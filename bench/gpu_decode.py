@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from inference_service.backends.base import BatchItem
-from inference_service.backends.cuda_weights import weight_bytes_read_per_token
+from inference_service.backends.cuda.arena import weight_bytes_read_per_token
 from inference_service.models.config import ModelConfig, RopeScaling
 from inference_service.models.loader import LoadedModel
 from inference_service.sampling.params import SamplingParams
@@ -179,7 +179,7 @@ def gemm_set_to(backend, choice: str):
 def bench_model(key: str, steps: int, bw: float) -> Result:
     import torch
 
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
 
     s = SHAPES[key]
     cfg = model_config(s)
@@ -265,17 +265,17 @@ def attention_kernels(backend, tok: int, short_pos: int) -> list[dict]:
     (decode_unroll=0), same run: graph replay us and
     the attention kernel's mean us (profile_step). The long contexts read whatever the pool
     holds past the written positions: fine for timing, the logits are not used."""
-    from inference_service.backends.cuda_plan import DEC_UNROLLS, decode_unroll_for, width_bucket
+    from inference_service.backends.cuda.shapes import DEC_UNROLLS, decode_unroll_for, width_bucket
 
     rows = []
     for ctx in (short_pos, 1024, 4000):
         table = list(range(ceil_div_int(ctx + 1, backend.block_size)))
         item = BatchItem(0, np.array([tok], np.int32), ctx, table, GREEDY)
-        width = width_bucket(ceil_div_int(ctx + 1, backend.block_size), backend._max_width)
+        width = width_bucket(ceil_div_int(ctx + 1, backend.block_size), backend.max_width)
         auto = decode_unroll_for(width * backend.block_size, backend.config.num_kv_heads, 1)
         for u in (None, *DEC_UNROLLS, 0):
             backend.decode_unroll = u
-            backend._graphs_clear()
+            backend.clear_graphs()
             replay = backend.time_decode_graph([item])
             prof = backend.profile_step([item])
             att = [us for label, us in prof if label == "attention"]
@@ -283,7 +283,7 @@ def attention_kernels(backend, tok: int, short_pos: int) -> list[dict]:
             rows.append(dict(ctx=ctx + 1, kernel=name,
                              graph_replay_us=replay, attention_us=sum(att) / len(att)))  # fmt: skip
     backend.decode_unroll = None
-    backend._graphs_clear()
+    backend.clear_graphs()
     return rows
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench.gpu_decode import SHAPES, model_config
 from inference_service.backends.base import BatchItem
-from inference_service.backends.cuda_backend import CudaBackend
+from inference_service.backends.cuda.backend import CudaBackend
 from inference_service.models.loader import LoadedModel
 from inference_service.models.weights import expected_shapes
 from inference_service.sampling.params import SamplingParams

@@ -15,7 +15,7 @@ import statistics
 
 import numpy as np
 
-from inference_service.backends.cuda_plan import (
+from inference_service.backends.cuda.shapes import (
     ATT_THREADS,
     PF_KGROUPS,
     attention_kernel,
@@ -30,18 +30,18 @@ from inference_service.backends.cuda_plan import (
 # (name, query heads, kv heads, head dim) of the real models.
 SHAPES = [("Llama-3.2-1B", 32, 8, 64), ("SmolLM2-135M", 9, 3, 64), ("Qwen2.5-0.5B", 14, 2, 64)]
 ATT_SIG, PF_SIG = "PiPPPiPPPiPPPiiiif", "PiPPPiPiPiiif"
-MAX_SPLITS, PARTIAL_TOKENS = 32, 64  # cuda_backend.py
+MAX_SPLITS, PARTIAL_TOKENS = 32, 64  # backends/cuda/kernels.py
 
 
 def time_launches(cuda, spin, f, grid, block, args, shared: int, reps: int) -> float:
     """Median microseconds of f<<<grid, block, shared>>>(*args) over reps back-to-back launches."""
-    f.prepared_async_call(grid, block, None, *args, shared_size=shared)  # warm-up
+    f.launch(grid, block, *args, shared=shared)  # warm-up
     cuda.Context.synchronize()
     events = [(cuda.Event(), cuda.Event()) for _ in range(reps)]
-    spin.prepared_call((1, 1, 1), (1, 1, 1), 200_000_000)  # async: holds the stream
+    spin.launch((1, 1, 1), (1, 1, 1), 200_000_000)  # async: holds the stream
     for start, end in events:
         start.record()
-        f.prepared_async_call(grid, block, None, *args, shared_size=shared)
+        f.launch(grid, block, *args, shared=shared)
         end.record()
     cuda.Context.synchronize()
     return statistics.median(1e3 * end.time_since(start) for start, end in events)
@@ -64,7 +64,7 @@ def main() -> None:
     try:
         kernels = load_kernels()
         sm = dev.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
-        spin = kernels.fn("spin_wait").prepare("q")
+        spin = kernels.kernel("spin_wait", "q")
         print(f"{dev.name()}: one layer's causal attention over a {args.tokens}-token prompt, "
               f"median of {args.reps} (us)")  # fmt: skip
         # What this timing method reports for a kernel that does nothing (launch + events).
@@ -91,7 +91,7 @@ def main() -> None:
             part_o = cuda.mem_alloc(T * H * nsplit * D * 4)
             part_ml = cuda.mem_alloc(T * H * nsplit * 2 * 4)
             counters = cuda.to_device(np.zeros(T * KVH, np.int32))
-            old = kernels.fn(attention_kernel(D)).prepare(ATT_SIG)
+            old = kernels.kernel(attention_kernel(D), ATT_SIG)
             tiles = np.asarray(prefill_tiles([T], [0], H // KVH), np.int32)
             tiles_d = cuda.to_device(tiles)
             old_args = (qkv, qkv_dim, kc, vc, table, nb, tok_seq, pos, out, H * D, part_o,
@@ -101,7 +101,7 @@ def main() -> None:
                                   old_args, 0, args.reps)  # fmt: skip
             t_new = {}
             for kg in PF_KGROUPS[D]:
-                new = kernels.fn(prefill_attention_kernel(D, kg)).prepare(PF_SIG)
+                new = kernels.kernel(prefill_attention_kernel(D, kg), PF_SIG)
                 t_new[kg] = time_launches(cuda, spin, new, (len(tiles), KVH, 1),
                                           (prefill_threads(kg), 1, 1), new_args,
                                           prefill_smem(D, kg), args.reps)  # fmt: skip

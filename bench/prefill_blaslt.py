@@ -1,9 +1,9 @@
 """GPU benchmark: the prefill GEMMs on our kernel (cuda_kernels/gemm.cuh, as gemm_plan picks it)
-vs cuBLASLt through nvmath-python's raw bindings (inference_service/backends/cuda_blaslt.py)
+vs cuBLASLt through nvmath-python's raw bindings (inference_service/backends/cuda/blaslt.py)
 vs torch.matmul (cuBLAS), same GPU, same run; then whole prefills (64, 128 and 512 tokens) of
 the SmolLM2-135M and Llama-3.2-1B shapes through CudaBackend with gemm="ours" / "cublaslt" /
 "auto" (step() wall time, kernel profile, last-token logits against the HF model's).
-It calibrates cuda_blaslt.auto_prefers (the gemm="auto" rule).
+It calibrates blaslt.auto_prefers (the gemm="auto" rule).
 
     python bench/prefill_blaslt.py [--models smollm2,qwen05,llama1b] [--m 128,512,2048]
                                    [--reps 40] [--prefill-models smollm2,llama1b]
@@ -60,8 +60,8 @@ def main() -> None:
     import torch
 
     from cuda_kernels import load_kernels
-    from inference_service.backends.cuda_blaslt import CublasLt
-    from inference_service.backends.cuda_plan import GEMM_LOCKS
+    from inference_service.backends.cuda.blaslt import CublasLt
+    from inference_service.backends.cuda.shapes import GEMM_LOCKS
 
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # torch makes the primary context current
@@ -74,10 +74,8 @@ def main() -> None:
         kernels = load_kernels()
         sm_count = dev.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
         clock_khz = dev.get_attribute(cuda.device_attribute.CLOCK_RATE)
-        spin = kernels.fn("spin_wait")
-        spin.prepare("q")
-        swiglu = kernels.fn("swiglu")
-        swiglu.prepare("PPi")
+        spin = kernels.kernel("spin_wait", "q")
+        swiglu = kernels.kernel("swiglu", "PPi")
         fns: dict = {}
         locks = torch.zeros(GEMM_LOCKS, device="cuda", dtype=torch.int32)
         lt = CublasLt(0)  # the legacy default stream: torch's events and PyCUDA's calls too
@@ -91,7 +89,7 @@ def main() -> None:
             torch.cuda.synchronize()
             dev_us, host_us = [], []
             for _ in range(TRIALS):
-                spin.prepared_call((1, 1, 1), (1, 1, 1), int(clock_khz * 0.03 * args.reps))
+                spin.launch((1, 1, 1), (1, 1, 1), int(clock_khz * 0.03 * args.reps))
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
                 t0 = time.perf_counter()
@@ -145,7 +143,7 @@ def main() -> None:
 
 def bench_shape(env: dict, m: int, n: int, k: int, mode: int, bias_model: bool) -> dict:
     """Device and host microseconds of one GEMM on ours / cuBLASLt / torch.matmul."""
-    from inference_service.backends.cuda_plan import GEMM_SWIGLU, ceil_div, gemm_plan
+    from inference_service.backends.cuda.shapes import GEMM_SWIGLU, ceil_div, gemm_plan
 
     torch, lt, timed, swiglu = env["torch"], env["lt"], env["timed"], env["swiglu"]
     sw = mode == GEMM_SWIGLU
@@ -159,16 +157,15 @@ def bench_shape(env: dict, m: int, n: int, k: int, mode: int, bias_model: bool) 
     bias = torch.randn(n, device="cuda") if mode == 0 and bias_model else None
     tile, splits = gemm_plan(m, n, k, env["sm"], mode)
     if tile.name not in env["fns"]:
-        env["fns"][tile.name] = env["kernels"].fn(tile.name)
-        env["fns"][tile.name].prepare("PiPiiiiPiiPP")
+        env["fns"][tile.name] = env["kernels"].kernel(tile.name, "PiPiiiiPiiPP")
     f, grid = env["fns"][tile.name], tile.grid(m, n, sw, splits)
     c_ours = act if sw else (c_bf if mode == 0 else c32)
     state = {"bias": bias.data_ptr() if bias is not None else 0}
 
     def ours(r: int) -> None:
-        f.prepared_call(grid, (tile.threads, 1, 1), a.data_ptr(), k, ws[r].data_ptr(), k, m, n,
-                        k, c_ours.data_ptr(), n, mode, state["bias"], env["locks"].data_ptr(),
-                        shared_size=tile.smem)  # fmt: skip
+        f.launch(grid, (tile.threads, 1, 1), a.data_ptr(), k, ws[r].data_ptr(), k, m, n, k,
+                 c_ours.data_ptr(), n, mode, state["bias"], env["locks"].data_ptr(),
+                 shared=tile.smem)  # fmt: skip
 
     def blaslt(r: int) -> None:
         c = c_bf if sw or mode == 0 else c32
@@ -176,8 +173,8 @@ def bench_shape(env: dict, m: int, n: int, k: int, mode: int, bias_model: bool) 
                        0 if sw else mode, state["bias"]):  # fmt: skip
             raise LookupError(f"cuBLASLt refused M={m} N={wn} K={k} mode {mode}")
         if sw:
-            swiglu.prepared_call((ceil_div(n // 8, 256), m, 1), (256, 1, 1), c_bf.data_ptr(),
-                                 act.data_ptr(), n)  # fmt: skip
+            swiglu.launch((ceil_div(n // 8, 256), m, 1), (256, 1, 1), c_bf.data_ptr(),
+                          act.data_ptr(), n)  # fmt: skip
 
     def tmm(r: int) -> None:
         torch.matmul(a, ws[r].T, out=c_bf)
@@ -213,7 +210,7 @@ def whole_prefill(key: str, tokens_list: list[int]) -> list[dict]:
     )
 
     from inference_service.backends.base import BatchItem
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
     from inference_service.models.loader import LoadedModel
 
     s = SHAPES[key]

@@ -1,6 +1,6 @@
-"""GPU benchmark: every tile of our prefill GEMM (cuda_kernels/gemm.cuh, cuda_plan.GEMM_TILES)
+"""GPU benchmark: every tile of our prefill GEMM (cuda_kernels/gemm.cuh, shapes.GEMM_TILES)
 next to torch.matmul (cuBLAS) on the prefill GEMMs of three model shapes, same GPU, same run.
-This is how cuda_plan.gemm_plan() is calibrated: the table marks the (tile, k splits) it picks
+This is how shapes.gemm_plan() is calibrated: the table marks the (tile, k splits) it picks
 (*) and the fastest one (+); split-K runs only in the fp32 modes (o_proj, down).
 
     python bench/prefill_gemm.py [--models smollm2,qwen05,llama1b] [--m 128,512,2048]
@@ -41,7 +41,7 @@ def shapes(model: str) -> list[tuple[str, int, int, int]]:
 
 def bench_shape(torch, fns, locks, timed, m: int, n: int, k: int, mode: int, swiglu: bool):
     """(cuBLAS us, {(tile, splits): our us}) for one GEMM shape."""
-    from inference_service.backends.cuda_plan import GEMM_LOCKS, GEMM_SPLITS, GEMM_TILES
+    from inference_service.backends.cuda.shapes import GEMM_LOCKS, GEMM_SPLITS, GEMM_TILES
 
     wn = 2 * n if swiglu else n  # weight rows
     n_rot = max(1, min(32, -(-2 * L2_BYTES // (wn * k * 2))))
@@ -60,9 +60,8 @@ def bench_shape(torch, fns, locks, timed, m: int, n: int, k: int, mode: int, swi
             f, grid = fns[tile.name], tile.grid(m, n, swiglu, splits)
 
             def launch(r: int, f=f, grid=grid, block=(tile.threads, 1, 1), smem=tile.smem) -> None:
-                f.prepared_call(grid, block, a.data_ptr(), k, ws[r].data_ptr(), k, m, n, k,
-                                c.data_ptr(), n, mode, 0, locks.data_ptr(),
-                                shared_size=smem)  # fmt: skip
+                f.launch(grid, block, a.data_ptr(), k, ws[r].data_ptr(), k, m, n, k, c.data_ptr(),
+                         n, mode, 0, locks.data_ptr(), shared=smem)  # fmt: skip
 
             ours[(tile.name, splits)] = timed(launch, n_rot)
     return t_torch, ours
@@ -80,7 +79,12 @@ def main() -> None:
     import torch
 
     from cuda_kernels import load_kernels
-    from inference_service.backends.cuda_plan import GEMM_LOCKS, GEMM_SWIGLU, GEMM_TILES, gemm_plan
+    from inference_service.backends.cuda.shapes import (
+        GEMM_LOCKS,
+        GEMM_SWIGLU,
+        GEMM_TILES,
+        gemm_plan,
+    )
 
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # torch makes the primary context current
@@ -90,11 +94,8 @@ def main() -> None:
     try:
         kernels = load_kernels()
         sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-        spin = kernels.fn("spin_wait")
-        spin.prepare("q")
-        fns = {t.name: kernels.fn(t.name) for t in GEMM_TILES}
-        for f in fns.values():
-            f.prepare("PiPiiiiPiiPP")
+        spin = kernels.kernel("spin_wait", "q")
+        fns = {t.name: kernels.kernel(t.name, "PiPiiiiPiiPP") for t in GEMM_TILES}
         locks = torch.zeros(GEMM_LOCKS, device="cuda", dtype=torch.int32)
         clock_khz = cuda.Device(0).get_attribute(cuda.device_attribute.CLOCK_RATE)
 
@@ -105,7 +106,7 @@ def main() -> None:
             out = []
             for _ in range(TRIALS):
                 # hold the stream ~20 us per queued launch so the queue fills before it runs
-                spin.prepared_call((1, 1, 1), (1, 1, 1), int(clock_khz * 0.02 * args.reps))
+                spin.launch((1, 1, 1), (1, 1, 1), int(clock_khz * 0.02 * args.reps))
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
                 for r in range(args.reps):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cuda_kernels import loader
-from inference_service.backends import cuda_plan as plan
-from inference_service.backends.cuda_weights import (
+from inference_service.backends.cuda import shapes as plan
+from inference_service.backends.cuda.arena import (
     ALIGN,
     bf16_bits_to_f32,
     plan_arena,
@@ -45,7 +45,7 @@ def built(tmp_path_factory):
 
 def test_every_kernel_file_compiles_for_sm90(built):
     out, cold, _ = built
-    assert sorted(cold.compiled) == sorted(p.stem for p in loader.kernel_sources())
+    assert sorted(cold.compiled) == sorted(m.name for m in loader.kernel_modules())
     for name, path in cold.cubins.items():
         data = path.read_bytes()
         assert data[:4] == b"\x7fELF", name  # a cubin is an ELF image
@@ -76,6 +76,33 @@ def test_kernel_names_the_backend_launches_exist(built):
     names += ["sample_rows", "argmax_finish", "spin_wait"]
     for n in [n for n in names if n is not None]:
         assert n.encode() + b"\x00" in text, n
+
+
+def test_variant_files_build_one_module_per_define(built):
+    """gemv.cu and attention_decode.cu build once per -D value; each module holds only its
+    own instantiations (the define reached the names)."""
+    _, cold, _ = built
+    names = {m.name: m for m in loader.kernel_modules()}
+    for t in loader.GEMV_ROWS:
+        assert names[f"gemv_t{t}"].flags == (f"-DGEMV_ROWS={t}",)
+        image = cold.cubins[f"gemv_t{t}"].read_bytes()
+        assert f"gemv_qkv_rope_t{t}".encode() + b"\x00" in image
+        other = 1 + t % len(loader.GEMV_ROWS)
+        assert f"gemv_t{other}".encode() + b"\x00" not in image
+    for u in loader.DECODE_UNROLLS:
+        image = cold.cubins[f"attention_decode_u{u}"].read_bytes()
+        assert all(f"paged_decode_d{d}_u{u}".encode() in image for d in plan.ATT_HEAD_DIMS)
+        assert f"paged_decode_d64_u{16 // u}".encode() not in image
+    assert "gemv" not in cold.cubins and "attention_decode" not in cold.cubins
+
+
+def test_a_variant_file_without_its_define_fails_naming_it(tmp_path):
+    if loader.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    nvcc = loader.find_nvcc()
+    src = loader.KERNEL_DIR / "gemv.cu"
+    with pytest.raises(loader.KernelBuildError, match="compile with -DGEMV_ROWS"):
+        loader.compile_cubin(src, "sm_90", tmp_path / "x.cubin", nvcc)
 
 
 def test_nvcc_errors_are_reported(tmp_path):

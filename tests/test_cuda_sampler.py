@@ -1,4 +1,4 @@
-"""The host side of the device sampler (backends/cuda_sampler.py) without a GPU: the packed
+"""The host side of the device sampler (backends/cuda/sampler.py) without a GPU: the packed
 parameter layout sample_rows reads, the uniforms (identical to sampler.uniform_for), and the
 unpacking of its results."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference_service.backends import cuda_sampler as cs
+from inference_service.backends.cuda import sampler as cs
 from inference_service.sampling.params import SampleOutput, SamplingParams
 from inference_service.sampling.sampler import uniform_for
 

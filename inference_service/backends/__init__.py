@@ -49,7 +49,7 @@ def create_backend(
                 )
         return NumpyBackend(model, num_blocks=num_blocks, block_size=block_size)
     if device == "cuda" or device.startswith("cuda:"):
-        from inference_service.backends.cuda_backend import CudaBackend
+        from inference_service.backends.cuda.backend import CudaBackend
 
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         return CudaBackend(

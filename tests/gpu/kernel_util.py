@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from inference_service.backends.cuda_weights import bf16_bits_to_f32, to_bf16_bits
+from inference_service.backends.cuda.arena import bf16_bits_to_f32, to_bf16_bits
 
 
 def bf16_round(a: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pycuda.driver as cuda
 
 from cuda_kernels import load_kernels
-from inference_service.backends.cuda_sampler import DeviceSampler
+from inference_service.backends.cuda.sampler import DeviceSampler
 from inference_service.sampling.params import SamplingParams
 
 

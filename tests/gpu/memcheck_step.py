@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from inference_service.backends.base import BatchItem
-from inference_service.backends.cuda_backend import CudaBackend
+from inference_service.backends.cuda.backend import CudaBackend
 from inference_service.models.config import ModelConfig
 from inference_service.models.loader import LoadedModel
 from inference_service.models.weights import expected_shapes

@@ -1,4 +1,4 @@
-"""The optional cuBLASLt GEMM path (inference_service/backends/cuda_blaslt.py, nvmath-python's
+"""The optional cuBLASLt GEMM path (inference_service/backends/cuda/blaslt.py, nvmath-python's
 raw bindings): every mode of gemm.cuh's contract against a float64 numpy product of the bf16
 operands, on fresh random data with odd M / N / K (K a multiple of 8), leading dimensions
 larger than K / N, poisoned outputs and a margin of C that must stay untouched; repeat runs
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from kernel_util import bf16_round, rel_err
 
-from inference_service.backends.cuda_blaslt import (
+from inference_service.backends.cuda.arena import bf16_bits_to_f32, to_bf16_bits
+from inference_service.backends.cuda.blaslt import (
     AUTO_MIN_M,
     BlasLtUnavailable,
     auto_prefers,
@@ -27,7 +28,6 @@ from inference_service.backends.cuda_blaslt import (
     open_blaslt,
     use_blaslt,
 )
-from inference_service.backends.cuda_weights import bf16_bits_to_f32, to_bf16_bits
 
 TOL_F32, TOL_BF16, TOL_MODEL = 2e-3, 6e-3, 3e-2
 PAD_R, PAD_C = 3, 6  # margin of C that must stay poisoned (ldc = N + PAD_C, 3 extra rows)
@@ -78,7 +78,7 @@ def test_without_nvmath_auto_falls_back_and_cublaslt_names_the_package(monkeypat
 def L():
     import pycuda.driver as cuda
 
-    from inference_service.backends.cuda_blaslt import CublasLt
+    from inference_service.backends.cuda.blaslt import CublasLt
 
     cuda.init()
     ctx = cuda.Device(0).retain_primary_context()
@@ -202,7 +202,7 @@ def test_prefill_logits_cublaslt_vs_ours_vs_numpy(tiny):
     from models_util import VOCAB
 
     from inference_service.backends.base import BatchItem
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
     from inference_service.backends.numpy_backend import NumpyBackend
 
     name, model = tiny
@@ -213,10 +213,10 @@ def test_prefill_logits_cublaslt_vs_ours_vs_numpy(tiny):
     ref = NumpyBackend(model, 64, 4).logits([item])
     lt_b = CudaBackend(model, num_blocks=80, block_size=4, gemm="cublaslt")
     ours_b = CudaBackend(model, num_blocks=64, block_size=4, gemm="ours")
-    assert lt_b._blaslt is not None and ours_b._blaslt is None
+    assert lt_b.blaslt is not None and ours_b.blaslt is None
     got_lt, got_ours = lt_b.logits([item]), ours_b.logits([item])
-    assert lt_b._blaslt.heuristic_queries > 0, "cuBLASLt never ran"
-    refused = lt_b._blaslt.refused
+    assert lt_b.blaslt.heuristic_queries > 0, "cuBLASLt never ran"
+    refused = lt_b.blaslt.refused
     assert all(key[7] for key in refused), f"cuBLASLt refused a GEMM without bias: {refused}"
     e_lt, e_ours = max_rel(got_lt, ref), max_rel(got_ours, ref)
     print(f"{name}: cublaslt vs numpy {e_lt:.2e}, ours vs numpy {e_ours:.2e}, "

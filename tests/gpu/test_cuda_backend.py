@@ -31,7 +31,7 @@ def tiny(request, tmp_path_factory):
 
 
 def cuda_backend(model, num_blocks=64, **kw):
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
 
     return CudaBackend(model, num_blocks=num_blocks, block_size=BLOCK, **kw)
 
@@ -133,6 +133,7 @@ def test_graph_without_pdl_equals_graph_with_pdl(tiny):
         ids = prompt(30, 11)
         b.logits([BatchItem(0, np.array(ids[:-1]), 0, list(range(4)))])
         outs.append(b.decode_logits_graph([BatchItem(0, np.array(ids[-1:]), 10, list(range(4)))]))
+        assert b.use_pdl == pdl  # the PDL capture worked (a failure falls back to plain graphs)
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -205,7 +206,7 @@ def test_real_smollm2_gguf_greedy_24_tokens_match_numpy(smollm2_gguf):
     correct greedy choice for a bf16 engine. Seen on an H100: this prompt has one such tie at
     step 10 (26.19 vs 26.14), which the graph with one attention split and the eager path
     resolve differently."""
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
 
     model = load_model(smollm2_gguf)
     ids = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018]

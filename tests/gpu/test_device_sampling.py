@@ -1,4 +1,4 @@
-"""sample_rows (cuda_kernels/sampling.cu, host side backends/cuda_sampler.py) against the host
+"""sample_rows (cuda_kernels/sampling.cu, host side backends/cuda/sampler.py) against the host
 sampler (sampling/sampler.py::sample, the oracle) on identical fp32 logits rows.
 
 Exactness: the device must pick the same token and the same top-n ids as the host. The one
@@ -13,7 +13,6 @@ spread of real ones) from fixed seeds, so a failure reproduces."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -40,7 +39,7 @@ class Rig:
     """A DeviceSampler for one vocab and a logits buffer to upload rows into."""
 
     def __init__(self, K, vocab: int) -> None:
-        from inference_service.backends.cuda_sampler import DeviceSampler
+        from inference_service.backends.cuda.sampler import DeviceSampler
 
         self.cuda, kernels = K
         self.vocab = vocab
@@ -240,66 +239,13 @@ def test_deterministic_and_u_is_used(K):
         host_sampler.uniform_for = orig
 
 
-def test_timing_host_vs_device(K):
-    """Not a speed assertion: prints host vs device time per row (vocab 151936). kernel: the
-    sample_rows launch alone (events); e2e: pack + uniforms + copies + launch + sync + unpack
-    (wall clock), what step() adds after the forward."""
-    vocab = 151936
-    rng = np.random.default_rng(5)
-    rig = Rig(K, vocab)
-    cuda = rig.cuda
-    cases = {
-        "top_p=0.9 T=0.8": SamplingParams(temperature=0.8, top_p=0.9, seed=1),
-        "top_k=50 top_p=0.9": SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1),
-        "T=1 plain": SamplingParams(temperature=1.0, seed=1),
-        "greedy pen=1.2": SamplingParams(temperature=0.0, repetition_penalty=1.2),
-        "top_p=0.9 pen=1.2 lp=20": SamplingParams(
-            temperature=0.8, top_p=0.9, logprobs=20, repetition_penalty=1.2, seed=1
-        ),
-    }
-    logits = rand_logits(rng, 64, vocab)
-    hist = rng.integers(0, vocab, 2000)
-    lines = []
-    for name, p in cases.items():
-        t0 = time.perf_counter()
-        for r in range(5):
-            sample(logits[r], p, hist, r)
-        host_ms = (time.perf_counter() - t0) / 5 * 1e3
-        kern, e2e = {}, {}
-        for n in (1, 64):
-            params, hists, steps = [p] * n, [hist] * n, list(range(n))
-            rig.run(logits[:n], params, hists, steps)  # warm up, allocate
-            start, end = cuda.Event(), cuda.Event()
-            ks, es = [], []
-            for _ in range(5):
-                cuda.memcpy_htod(rig.buf, logits[:n])
-                t0 = time.perf_counter()
-                rig.sampler.sample(int(rig.buf), steps, params, hists, steps, rig.stream)
-                es.append(time.perf_counter() - t0)
-                cuda.memcpy_htod(rig.buf, logits[:n])  # same inputs, kernel alone
-                s = rig.sampler
-                start.record(rig.stream)
-                s._fn.prepared_async_call((n, 1, 1), (1024, 1, 1), rig.stream, int(rig.buf), vocab,
-                                          s._in_dev, int(s._in_dev) + 4 * n * 12, s._scratch,
-                                          s._out_dev)  # fmt: skip
-                end.record(rig.stream)
-                end.synchronize()
-                ks.append(end.time_since(start) * 1e3)
-            kern[n], e2e[n] = min(ks), min(es) * 1e6
-        lines.append(
-            f"{name:24s} host {host_ms:7.2f} ms/row | device kernel: 1 row {kern[1]:6.1f} us, "
-            f"64 rows {kern[64]:6.1f} us | e2e: 1 row {e2e[1]:6.1f} us, 64 rows {e2e[64]:7.1f} us"
-        )
-    print("\n[device sampling timing, vocab 151936]\n" + "\n".join(lines))
-
-
 def test_backend_device_sampling_equals_host_sampling(tmp_path):
     """Whole model: three sequences with different params stepped together (an eager prefill
     step, then graph decode steps), with the device sampler and with the host one."""
     from models_util import BUILDERS
 
     from inference_service.backends.base import BatchItem
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
     from inference_service.models import load_model
 
     name = sorted(BUILDERS)[-1]

@@ -1,4 +1,4 @@
-"""The prefill GEMM kernels (cuda_kernels/gemm.cuh), every tile of cuda_plan.GEMM_TILES, every
+"""The prefill GEMM kernels (cuda_kernels/gemm.cuh), every tile of shapes.GEMM_TILES, every
 mode and serial split-K, against a float64 numpy product of the bf16 operands, on fresh random data with odd
 M / N / K (K a multiple of 8, the kernels' contract). Tolerances (relative L2 error): fp32
 outputs 2e-3 (fp32 summation order), bf16 outputs 6e-3 (plus one bf16 rounding), SwiGLU 8e-3
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from kernel_util import bf16_round, kernel_context, rel_err
 
-from inference_service.backends.cuda_plan import (
+from inference_service.backends.cuda.arena import bf16_bits_to_f32, to_bf16_bits
+from inference_service.backends.cuda.shapes import (
     GEMM_LOCKS,
     GEMM_SPLITS,
     GEMM_SWIGLU,
@@ -20,7 +21,6 @@ from inference_service.backends.cuda_plan import (
     GemmTile,
     gemm_plan,
 )
-from inference_service.backends.cuda_weights import bf16_bits_to_f32, to_bf16_bits
 
 pytestmark = pytest.mark.gpu
 
@@ -45,11 +45,10 @@ def bf(a: np.ndarray) -> np.ndarray:
 
 def run_gemm(K, tile: GemmTile, A, W, M, N, Kd, C, ldc, mode, bias=0, splits=1) -> None:
     cuda, kernels, locks = K
-    f = kernels.fn(tile.name)
-    f.prepare(SIG)
     grid = tile.grid(M, N, mode == GEMM_SWIGLU, splits)
-    f.prepared_call(grid, (tile.threads, 1, 1), A, Kd, W, Kd, M, N, Kd, C, ldc, mode, bias,
-                    locks if splits > 1 else 0, shared_size=tile.smem)  # fmt: skip
+    kernels.kernel(tile.name, SIG).launch(grid, (tile.threads, 1, 1), A, Kd, W, Kd, M, N, Kd, C,
+                                          ldc, mode, bias, locks if splits > 1 else 0,
+                                          shared=tile.smem)  # fmt: skip
     cuda.Context.synchronize()
 
 
@@ -160,10 +159,9 @@ def test_gemm_split_k(K, tile, mnk):
 
 def test_gemm_tile_plan_matches_the_kernels(K):
     """Every planned tile exists with the planned threads and shared memory."""
-    cuda, kernels, _ = K
-    attr = cuda.function_attribute
+    _, kernels, _ = K
     for tile in GEMM_TILES:
-        f = kernels.fn(tile.name)
-        assert f.get_attribute(attr.MAX_THREADS_PER_BLOCK) == tile.threads, tile.name
-        assert tile.smem <= f.get_attribute(attr.MAX_DYNAMIC_SHARED_SIZE_BYTES), tile.name
+        f = kernels.kernel(tile.name, SIG)
+        assert f.attribute("MAX_THREADS_PER_BLOCK") == tile.threads, tile.name
+        assert tile.smem <= f.attribute("MAX_DYNAMIC_SHARED_SIZE_BYTES"), tile.name
     assert gemm_plan(512, 8192, 2048, 132, GEMM_SWIGLU)[0] in GEMM_TILES

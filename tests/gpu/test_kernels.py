@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from kernel_util import bf16_round, kernel_context, rel_err
 
-from inference_service.backends.cuda_weights import bf16_bits_to_f32, to_bf16_bits
+from inference_service.backends.cuda.arena import bf16_bits_to_f32, to_bf16_bits
 
 pytestmark = pytest.mark.gpu
 
@@ -28,9 +28,7 @@ TOL_F32, TOL_BF16 = 2e-3, 6e-3
 
 def launch(K, name, sig, grid, block, *args, shared=0):
     cuda, kernels = K
-    f = kernels.fn(name)
-    f.prepare(sig)
-    f.prepared_call(grid, block, *args, shared_size=shared)
+    kernels.kernel(name, sig).launch(grid, block, *args, shared=shared)
     cuda.Context.synchronize()
 
 
@@ -272,7 +270,7 @@ def attention_ref(q, kc, vc, tables, tok_seq, pos, bs, G):
 @pytest.mark.parametrize("H,KVH,D", [(8, 2, 16), (14, 2, 64), (8, 1, 128), (32, 8, 64), (6, 6, 32)])
 @pytest.mark.parametrize("nsplit", [1, 3, 8])
 def test_paged_attention(K, H, KVH, D, nsplit):
-    from inference_service.backends.cuda_plan import attention_kernel
+    from inference_service.backends.cuda.shapes import attention_kernel
 
     rng = np.random.default_rng(H * 100 + D + nsplit)
     bs, nb, G = 16, 64, H // KVH
@@ -313,7 +311,7 @@ def test_paged_decode_attention(K, H, KVH, D, nz, U):
     """paged_decode_d*_u*: rows of lengths 1 .. ~5 chunks, under grids of 1 split (one block loops
     over every chunk), 2 (capped: splits longer than a chunk) and 32 (one split per chunk, the
     unused ones exit; short rows take the no-combine path)."""
-    from inference_service.backends.cuda_plan import decode_attention_kernel, decode_chunk
+    from inference_service.backends.cuda.shapes import decode_attention_kernel, decode_chunk
 
     rng = np.random.default_rng(H * 1000 + D * 10 + nz + 7 * U)
     bs, G, chunk = 16, H // KVH, decode_chunk(D, U)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from kernel_util import kernel_context, rel_err
 
-from inference_service.backends.cuda_plan import (
+from inference_service.backends.cuda.arena import bf16_bits_to_f32, to_bf16_bits
+from inference_service.backends.cuda.shapes import (
     PF_BM,
     PF_KGROUPS,
     prefill_attention_kernel,
@@ -22,7 +23,6 @@ from inference_service.backends.cuda_plan import (
     prefill_threads,
     prefill_tiles,
 )
-from inference_service.backends.cuda_weights import bf16_bits_to_f32, to_bf16_bits
 
 TOL_ROW, TOL_ALL = 1e-2, 6e-3
 SIG = "PiPPPiPiPiiif"
@@ -118,12 +118,11 @@ def test_prefill_attention_matches_float64(K, H, KVH, D, bs, kg):
     out_stride = H * D + 24  # a padded output row: the kernel must honour the stride
     out = cuda.to_device(np.full((T, out_stride), 0x7FC0, np.uint16))
     tiles = np.asarray(prefill_tiles(lengths, starts, G), np.int32)
-    f = kernels.fn(prefill_attention_kernel(D, kg))
-    f.prepare(SIG)
-    f.prepared_call((len(tiles), KVH, 1), (prefill_threads(kg), 1, 1), cuda.to_device(qkv),
-                    qkv_dim, cuda.to_device(kc), cuda.to_device(vc), cuda.to_device(tables), W,
-                    out, out_stride, cuda.to_device(tiles), H, KVH, bs, float(1 / np.sqrt(D)),
-                    shared_size=prefill_smem(D, kg))  # fmt: skip
+    f = kernels.kernel(prefill_attention_kernel(D, kg), SIG)
+    f.launch((len(tiles), KVH, 1), (prefill_threads(kg), 1, 1), cuda.to_device(qkv), qkv_dim,
+             cuda.to_device(kc), cuda.to_device(vc), cuda.to_device(tables), W, out, out_stride,
+             cuda.to_device(tiles), H, KVH, bs, float(1 / np.sqrt(D)),
+             shared=prefill_smem(D, kg))  # fmt: skip
     cuda.Context.synchronize()
     q = unbf(qkv)[:, : H * D].reshape(T, H, D)
     ref = prefill_ref(q, unbf(kc), unbf(vc), tables, ITEMS, bs, G)
@@ -161,7 +160,7 @@ def test_backend_prefill_steps_match_numpy(H, KVH, D, arch):
     second sequence, then one step mixing a continuation after the cached prefix, a fresh prompt
     and a decode row; logits against the numpy backend."""
     from inference_service.backends.base import BatchItem
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
     from inference_service.backends.numpy_backend import NumpyBackend
 
     model = tiny_model(H, KVH, D, arch)

@@ -62,7 +62,7 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 @pytest.mark.parametrize("gemm", ["auto", "ours"])
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_real_shape_prefill_chunk_and_decode_match_numpy(name, gemm):
-    from inference_service.backends.cuda_backend import CudaBackend
+    from inference_service.backends.cuda.backend import CudaBackend
 
     model = random_model(name)
     ids = np.random.default_rng(1).integers(0, VOCAB, 520).astype(np.int32)

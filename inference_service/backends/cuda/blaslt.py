@@ -52,10 +52,10 @@ NVMATH_HINT = "pip install 'nvmath-python>=1.0' (or the project's cuda extra)"
 # Whole prefill steps (CudaBackend.step() wall, same run), ours -> auto, 64 / 128 / 512 tokens:
 # SmolLM2-135M 3.22 / 3.20 / 3.22 -> 2.49 / 2.54 / 2.50 ms, Llama-3.2-1B 2.19 / 2.43 / 4.80 ->
 # 1.87 / 2.01 / 2.90 ms (gemm="cublaslt": 2.52 / 2.52 / 2.51 and 1.89 / 2.01 / 2.94 ms).
-# Captured decode graphs (9..64 rows) always keep our kernels (see CudaBackend._gemm).
+# Captured decode graphs (9..64 rows) always keep our kernels (see kernels.StepKernels.matmul).
 AUTO_MIN_M = 64
 AUTO_SWIGLU_MIN_M, AUTO_SWIGLU_MIN_FLOP = 128, 1.5e9
-SWIGLU_MODE = 3  # gemm.cuh's fused SwiGLU mode (cuda_plan.GEMM_SWIGLU)
+SWIGLU_MODE = 3  # gemm.cuh's fused SwiGLU mode (shapes.GEMM_SWIGLU)
 
 
 def auto_prefers(m: int, n: int, k: int, mode: int) -> bool:
@@ -112,16 +112,6 @@ def load_bindings() -> Any:
 def _alignment(ptr: int) -> int:
     """Largest power of two (<= 256) dividing the address: cuBLASLt filters algorithms by it."""
     return min(256, ptr & -ptr) if ptr else 256
-
-
-def stream_capturing(stream_handle: int) -> bool:
-    """Whether a CUDA graph capture is in progress on the stream."""
-    from cuda.bindings import driver
-
-    err, status = driver.cuStreamIsCapturing(driver.CUstream(stream_handle))
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuStreamIsCapturing failed: {err}")
-    return status != driver.CUstreamCaptureStatus.CU_STREAM_CAPTURE_STATUS_NONE
 
 
 @dataclass

@@ -140,13 +140,22 @@ def unpack_rows(out: np.ndarray, params: Sequence[SamplingParams]) -> list[Sampl
     return res
 
 
+def _cu_stream(stream: Any) -> Any:
+    """The cuda.bindings handle of a PyCUDA stream (None: the legacy default stream)."""
+    if stream is None:
+        return None
+    from cuda.bindings import driver
+
+    return driver.CUstream(stream.handle)
+
+
 class DeviceSampler:
     """Buffers and the launch of sample_rows for one backend (one context, one stream)."""
 
     def __init__(self, cuda: Any, kernels: Any, vocab: int) -> None:
         self._cuda = cuda
         self.vocab = vocab
-        self._fn = kernels.fn("sample_rows").prepare(SIGNATURE)
+        self.kernel = kernels.kernel("sample_rows", SIGNATURE)
         self._in_cap = 0
         self._rows_cap = 0
         self._in_dev = self._in_host = None
@@ -187,11 +196,16 @@ class DeviceSampler:
         cuda = self._cuda
         self._in_host[: len(packed)] = packed
         cuda.memcpy_htod_async(self._in_dev, self._in_host[: len(packed)], stream)
-        hist = int(self._in_dev) + 4 * n * PARAM_WORDS
-        self._fn.prepared_async_call((n, 1, 1), (THREADS, 1, 1), stream, logits, self.vocab,
-                                     self._in_dev, hist, self._scratch, self._out_dev)  # fmt: skip
+        self.launch(n, logits, stream)
         cuda.memcpy_dtoh_async(self._out_host[:n], self._out_dev, stream)
         self._pending = (n, list(params))
+
+    def launch(self, n: int, logits: int, stream: Any) -> None:
+        """sample_rows over the n rows packed by the last enqueue() (also what a benchmark
+        times alone)."""
+        hist = int(self._in_dev) + 4 * n * PARAM_WORDS
+        self.kernel.launch((n, 1, 1), (THREADS, 1, 1), logits, self.vocab, self._in_dev, hist,
+                           self._scratch, self._out_dev, stream=_cu_stream(stream))  # fmt: skip
 
     def finish(self) -> list[SampleOutput]:
         """The outputs of the last enqueue(), once its stream has been synchronized."""

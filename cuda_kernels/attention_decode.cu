@@ -22,7 +22,9 @@
 //    output itself: no partials, no combine. Else each split writes (o, m, l) partials and
 //    the last split block to finish (atomic counter per (row, kv head), reset after use)
 //    merges them.
-#pragma once
+//
+// Compiled once per U: loader.py builds module attention_decode_u{U} with -DDEC_UNROLL=U
+// (loader.VARIANTS), so the four builds compile in parallel.
 #include "common.cuh"
 #include "attention_common.cuh"
 
@@ -216,3 +218,10 @@ __device__ __forceinline__ void decode_attention_impl(
     DEC_INST(64, UNROLL)       \
     DEC_INST(128, UNROLL)      \
     DEC_INST(256, UNROLL)
+
+#ifndef DEC_UNROLL
+#error "compile with -DDEC_UNROLL=1, 2, 4 or 8 (cuda_kernels/loader.py VARIANTS)"
+#endif
+// One level of indirection so DEC_UNROLL expands before ## pastes it into the names.
+#define DEC_INST_UNROLL(UNROLL) DEC_INST_ALL_D(UNROLL)
+DEC_INST_UNROLL(DEC_UNROLL)

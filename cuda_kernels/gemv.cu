@@ -18,7 +18,9 @@
 //   (neox order, inv_freq carries llama3 scaling), writes q to y (bf16, row stride y_stride) and
 //   k, v straight into the paged cache at slots[t]. Saves the separate rope kernel.
 // K must be a multiple of 8.
-#pragma once
+//
+// Compiled once per row count: loader.py builds module gemv_t{NT} with -DGEMV_ROWS=NT
+// (loader.VARIANTS), so the eight instantiations compile in parallel.
 #include "common.cuh"
 
 #define GEMV_WARPS 4
@@ -243,3 +245,10 @@ __device__ __forceinline__ void gemv_impl(const bf16* __restrict__ W, int N, int
         bf16 *k_cache, bf16 *v_cache, int H, int KVH, int D) {                                  \
         gemv_impl<NT, 2>(GEMV_PASS, RopeArgs{positions, slots, inv_freq, k_cache, v_cache, H, KVH, D}); \
     }
+
+#ifndef GEMV_ROWS
+#error "compile with -DGEMV_ROWS=1..8 (cuda_kernels/loader.py VARIANTS)"
+#endif
+// One level of indirection so GEMV_ROWS expands before ## pastes it into the names.
+#define GEMV_INST_ROWS(NT) GEMV_INST(NT)
+GEMV_INST_ROWS(GEMV_ROWS)

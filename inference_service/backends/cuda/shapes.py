@@ -1,14 +1,17 @@
-"""Launch-shape and memory-layout arithmetic of the CUDA backend: pure functions, no device,
-so CI can test them. The constants mirror the kernels in cuda_kernels/*.cu."""
+"""Launch shapes and memory layouts of the CUDA backend, in one place: grids, blocks, shared
+memory, splits, occupancy, GEMM tile choice, the packed step-input layout, KV sizes. Pure
+functions, no device, so CI can test them. The constants mirror the kernels in
+cuda_kernels/*.cu."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cuda_kernels.loader import DECODE_UNROLLS, GEMV_ROWS
 from inference_service.models.config import ModelConfig
 
 GEMV_WARPS = 4  # rows per GEMV block (one warp per row); gemv.cuh GEMV_WARPS
-GEMV_MAX_TOKENS = 8  # gemv_t1 .. gemv_t8
+GEMV_MAX_TOKENS = max(GEMV_ROWS)  # gemv_t1 .. gemv_t8
 GEMV_THREADS = 128
 # Hopper (sm_90) per-SM limits, for occupancy.
 SM_REGS, SM_SMEM, SM_MAX_BLOCKS, SM_MAX_WARPS, SMEM_PER_BLOCK_RESERVED = 65536, 233472, 32, 64, 1024
@@ -28,7 +31,7 @@ KV_DTYPE_BYTES = 2  # bf16 cache
 # flight (U in DEC_UNROLLS, one kernel each), so one block covers decode_chunk(D, U) keys.
 DEC_WARPS = 8
 DEC_THREADS = 32 * DEC_WARPS
-DEC_UNROLLS = (1, 2, 4, 8)
+DEC_UNROLLS = DECODE_UNROLLS  # attention_decode.cu built once per U
 # Split decode kernel unroll picked per launch from the work it covers (context x kv heads x
 # rows; a graph's context is its block-table width bucket, up to 2x the rows' own): few keys
 # favour small chunks spread over more blocks, many keys fewer, fuller blocks. Thresholds fit

@@ -1,5 +1,0 @@
-// Decode GEMV for 4 token row(s) (see gemv.cuh): one file per row count, so a cold start
-// compiles them in parallel.
-#include "gemv.cuh"
-
-GEMV_INST(4)
