@@ -78,10 +78,8 @@ class CudaBackend:
         self.device_name = dev.name
         self.stream = dev.stream
         self.kernels = load_kernels()
-        inv_freq = cuda.to_device(rope_inv_freq(c).astype(np.float32))
         self._k = StepKernels(cuda, self.kernels, c, dev.stream, dev.cu_stream, dev.sm_count,
-                              inv_freq, block_size)  # fmt: skip
-        self._inv_freq = inv_freq
+                              block_size)  # fmt: skip
         # Prefill GEMMs: "ours" (gemm.cuh), "cublaslt" (nvmath-python's cuBLASLt bindings) or
         # "auto" (default: cuBLASLt where blaslt.auto_prefers says, if nvmath imports); None
         # reads $KUIPER_GEMM. Changing self.gemm later switches (the handle stays).
@@ -90,11 +88,14 @@ class CudaBackend:
 
         self._weights = WeightArena(cuda, c, model.weights)
         self.weight_bytes = self._weights.nbytes
+        self._inv_freq = cuda.to_device(rope_inv_freq(c).astype(np.float32))
+        self._k.inv_freq = int(self._inv_freq)
         logits = cuda.mem_alloc(max_batch * c.vocab_size * 4)
         argmax = cuda.mem_alloc(max_batch * 8)
         self._logits_mem, self._argmax_mem = logits, argmax
         self._argmax_host = cuda.pagelocked_empty(max_batch, np.uint64)
         self._logits_host = cuda.pagelocked_empty((1, c.vocab_size), np.float32)
+        self._k.alloc_attention_scratch()
         # The pool is sized from the memory left after weights and a workspace; the workspace
         # is then reallocated for the real block-table width.
         ws = Workspace.allocate(cuda, c, max_tokens, max_batch, 1)

@@ -70,13 +70,13 @@ class StepKernels:
     """The launches of one backend: its kernels, stream, model shape and attention scratch."""
 
     def __init__(self, cuda: Any, kernels: Kernels, c: ModelConfig, stream: Any, cu_stream: Any,
-                 sm_count: int, inv_freq: Any, block_size: int) -> None:  # fmt: skip
+                 sm_count: int, block_size: int) -> None:  # fmt: skip
         self._cuda = cuda
         self.config = c
         self.stream = stream  # PyCUDA stream (events, copies)
         self.cu_stream = cu_stream  # its cuda.bindings handle (launches)
         self.sm_count = sm_count
-        self._inv_freq = int(inv_freq)
+        self.inv_freq = 0  # fp32 RoPE inverse frequencies on the device; set by the backend
         self.qkv_dim = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
         self.q_dim = c.num_heads * c.head_dim
         self.scale = float(1.0 / np.sqrt(c.head_dim))
@@ -113,7 +113,13 @@ class StepKernels:
             if name is not None:
                 self._k[name] = kernels.kernel(name, PF_SIG)
         self._att_name = attention_kernel(d)
-        self._part_o = cuda.mem_alloc(PARTIAL_TOKENS * c.num_heads * MAX_SPLITS * d * 4)
+        self._part_o = self._part_ml = None
+
+    def alloc_attention_scratch(self) -> None:
+        """The flash-decoding partials (o, m, l) buffers, for PARTIAL_TOKENS rows at MAX_SPLITS
+        (separate from __init__ so the backend allocates in the order it always did)."""
+        c, cuda = self.config, self._cuda
+        self._part_o = cuda.mem_alloc(PARTIAL_TOKENS * c.num_heads * MAX_SPLITS * c.head_dim * 4)
         self._part_ml = cuda.mem_alloc(PARTIAL_TOKENS * c.num_heads * MAX_SPLITS * 2 * 4)
 
     # ------------------------------------------------------------------ launching
@@ -154,7 +160,7 @@ class StepKernels:
         """RoPE on the q and k of each q|k|v row (in place); k and v into the paged cache."""
         c = self.config
         self._launch("rope+kv", "rope_kv_write", (tokens, 1, 1), (128, 1, 1), qkv, self.qkv_dim,
-                     positions, slots, self._inv_freq, k_cache, v_cache, c.num_heads,
+                     positions, slots, self.inv_freq, k_cache, v_cache, c.num_heads,
                      c.num_kv_heads, c.head_dim, 0)  # fmt: skip
 
     # ------------------------------------------------------------------ GEMV (<= 8 rows)
@@ -176,7 +182,7 @@ class StepKernels:
         """out = q|k|v of RMSNorm(resid) (+ bias), RoPE on q and k; k and v written into the
         paged cache at slots (q rows stay in out)."""
         c = self.config
-        rope = (positions, slots, self._inv_freq, k_cache, v_cache, c.num_heads, c.num_kv_heads,
+        rope = (positions, slots, self.inv_freq, k_cache, v_cache, c.num_heads, c.num_kv_heads,
                 c.head_dim)  # fmt: skip
         self._gemv("qkv+norm+rope", "gemv_qkv_rope", tokens, weight, self.qkv_dim // 2,
                    c.hidden_size, resid, X_RESID_NORM, 0, norm, out, Y_BF16, self.qkv_dim, bias,
