@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from inference_service.backends.base import BatchItem, check_batch
-from inference_service.backends.cuda.arena import KvPool, WeightArena, Workspace
 from inference_service.backends.cuda.blaslt import gemm_choice, open_blaslt
 from inference_service.backends.cuda.device import Device
 from inference_service.backends.cuda.kernels import StepKernels
+from inference_service.backends.cuda.memory import KvPool, WeightArena, Workspace
 from inference_service.backends.cuda.plan import StepBuffers, forward
 from inference_service.backends.cuda.runner import StepRunner
 from inference_service.backends.cuda.sampler import DeviceSampler, supported

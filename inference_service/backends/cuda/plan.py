@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inference_service.backends.cuda.arena import KvPool, Workspace
 from inference_service.backends.cuda.kernels import StepKernels
+from inference_service.backends.cuda.memory import KvPool, Workspace
 from inference_service.backends.cuda.shapes import GEMV_MAX_TOKENS, InputLayout
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from inference_service.backends.base import BatchItem
-from inference_service.backends.cuda.arena import Workspace
 from inference_service.backends.cuda.graphs import CudaGraph, capture
 from inference_service.backends.cuda.kernels import StepKernels
+from inference_service.backends.cuda.memory import Workspace
 from inference_service.backends.cuda.plan import StepBuffers, forward
 from inference_service.backends.cuda.shapes import (
     GEMV_MAX_TOKENS,
