@@ -1,5 +1,5 @@
 // What the paged attention kernels (attention.cu, attention_decode.cuh) share: their launch
-// signature (cuda_backend._ATT_SIG) and the flash-decoding epilogue.
+// signature (backends/cuda/kernels.py ATT_SIG) and the flash-decoding epilogue.
 //
 // Epilogue:
 // A split block of (token row t, kv head kvh) publishes its partial for the G query heads of

@@ -1,7 +1,7 @@
 // Causal prefill attention on tensor cores (flash-attention-2 style) over the paged KV cache.
 //
 // Inputs as for paged_attention_d{D} (attention.cu), with the rows' sequences and positions
-// given per query tile by a table the host builds (cuda_plan.prefill_tiles): tile i = int4
+// given per query tile by a table the host builds (shapes.prefill_tiles): tile i = int4
 // (first row t0, rows n, sequence, position of row t0); its rows are consecutive rows of ONE
 // sequence at consecutive positions (a prefill chunk, possibly after a cached prefix, or a
 // single decode row). One block serves one (tile, kv head): its PF_BM = 64 matrix rows are
@@ -332,7 +332,7 @@ __device__ __forceinline__ void prefill_impl(
 }
 
 // prefill_attention_d{D}_k{KG}: KG key groups (256 or 512 threads). Dynamic shared memory:
-// (PF_BM + 2 * PF_STAGES(D, KG) * KG * PF_BN) * D * 2 bytes (cuda_plan.prefill_smem): k2 keeps
+// (PF_BM + 2 * PF_STAGES(D, KG) * KG * PF_BN) * D * 2 bytes (shapes.prefill_smem): k2 keeps
 // two blocks per SM for D = 64 (104 KiB); k4 (one block per SM, 136 KiB) halves the serial
 // stages again for launches with no more blocks than SMs.
 #define PF_INST(DIM, KG)                                                                        \

@@ -19,13 +19,13 @@
 //
 // Grid: (M tiles, N tiles, splits). M tiles run fastest, so the blocks resident at once share
 // a few weight tiles (read from HBM about once) and stream the activations, which fit in L2.
-// Serial split-K (modes 1 and 2 only: cuda_plan never splits modes 0 and 3, whose epilogues
+// Serial split-K (modes 1 and 2 only: shapes.gemm_plan never splits modes 0 and 3, whose epilogues
 // are not additive; gridDim.z = splits > 1): split z sums k-tiles
 // [z * per, (z + 1) * per) and adds them to C after split z - 1 has (a turnstile per output
 // tile in `locks`, all zero between launches: the last split resets its lock). The order of the
 // additions is fixed, so results are deterministic. Blocks start in linear order (z slowest),
 // so a block only ever waits on a block that started before it: no deadlock.
-// Dynamic shared memory: STAGES * (BM + BN) * 64 * 2 bytes (cuda_plan.GemmTile.smem).
+// Dynamic shared memory: STAGES * (BM + BN) * 64 * 2 bytes (shapes.GemmTile.smem).
 #pragma once
 #include "common.cuh"
 
@@ -336,7 +336,7 @@ __device__ __forceinline__ void gemm_impl(const bf16* __restrict__ A, int lda,
 #define GEMM_PASS A, lda, W, ldw, M, N, K, C, ldc, mode, bias, locks
 
 // name, BM, BN, WARPS_M, WARPS_N, STAGES, min blocks per SM (register budget). Mirrored by
-// cuda_plan.GEMM_TILES (threads, stages, shared memory).
+// shapes.GEMM_TILES (threads, stages, shared memory).
 #define GEMM_KERNEL(NAME, BM, BN, WM, WN, ST, MINB)                                   \
     extern "C" __global__ void __launch_bounds__(WM * WN * 32, MINB) NAME(GEMM_ARGS) { \
         gemm_impl<BM, BN, WM, WN, ST>(GEMM_PASS);                                     \

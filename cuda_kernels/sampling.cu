@@ -5,7 +5,7 @@
 //     docstring defines the semantics) for rows that are not plain greedy: repetition penalty,
 //     logprobs (chosen + top-n), temperature, top-k, top-p, min-p and the draw with a uniform
 //     u computed on the host (Philox keyed by (seed, step)), one block per row. Host side:
-//     inference_service/backends/cuda_sampler.py (packing, launch, unpacking).
+//     inference_service/backends/cuda/sampler.py (packing, launch, unpacking).
 //
 // sample_rows is deterministic: thresholds come from radix selects over an order-preserving
 // 32-bit key, and every probability mass is a 64-bit fixed-point integer (w * 2^44, w =
@@ -60,7 +60,7 @@ extern "C" __global__ void argmax_finish(const unsigned long long* __restrict__ 
 }
 
 // ---------------------------------------------------------------------------- sample_rows
-// Per-row parameters: SAMPLE_PARAM_WORDS int32 words (cuda_sampler.py packs them).
+// Per-row parameters: SAMPLE_PARAM_WORDS int32 words (backends/cuda/sampler.py packs them).
 #define SAMPLE_PARAM_WORDS 12
 #define SP_ROW 0        // logits row index
 #define SP_NLOGPROBS 1  // -1: no logprobs; n >= 0: chosen token's + top-n
