@@ -87,7 +87,6 @@ class CudaBackend:
         self._k.blaslt = open_blaslt(self.gemm, dev.stream.handle)
 
         self._weights = WeightArena(cuda, c, model.weights)
-        self.weight_bytes = self._weights.nbytes
         self._inv_freq = cuda.to_device(rope_inv_freq(c).astype(np.float32))
         self._k.inv_freq = int(self._inv_freq)
         logits = cuda.mem_alloc(max_batch * c.vocab_size * 4)

@@ -30,7 +30,6 @@ class WeightArena:
             self.ptr[e.name] = base + e.offset
         if c.tie_word_embeddings:
             self.ptr["lm_head"] = self.ptr["embed"]
-        self.nbytes = total
 
 
 KV_FREE_FRACTION = 0.90  # of the memory left after weights + workspace, when no size is given
