@@ -1,8 +1,9 @@
 """The CUDA backend: our kernels (cuda_kernels/*.cu) on an NVIDIA GPU, with the same interface
 as the numpy backend (base.Backend), so the engine and server use either unchanged.
 
-The parts, one concern each: device.py (context and stream), arena.py (weights, KV pool and
-workspace, allocated once), kernels.py (the named kernel launches), plan.py (the forward step
+The parts, one concern each: device.py (context and stream), arena.py (the weight layout),
+memory.py (weights, KV pool and workspace, allocated once), shapes.py (launch shapes),
+kernels.py (the named kernel launches), plan.py (the forward step
 as a sequence of those launches), runner.py (input packing, eager launches or CUDA-graph replay
 per batch bucket), graphs.py (capture and replay), sampler.py (non-greedy sampling on the
 device), blaslt.py (optional cuBLASLt prefill GEMMs). Greedy sampling is fused into the lm_head
