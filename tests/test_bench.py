@@ -161,3 +161,13 @@ def test_bad_flags_fail_before_any_call(args: list[str], message: str) -> None:
     proc = subprocess.run(kuiper_command("bench", *args, "127.0.0.1:9"), capture_output=True,
                           text=True, timeout=60, env=server_env(), cwd=REPO)  # fmt: skip
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_plot_counts_tokens_when_they_arrived() -> None:
+    from kuiper_serve.cli.bench.plot import token_times
+    from kuiper_serve.cli.bench.runner import CallResult
+
+    # first message: 2 tokens at 0.5 s; then one token 0.1 s later, then one 0.2 s later
+    r = CallResult(start=1.0, latency=2.0, status="OK", first=0.5, gaps=(0.0, 0.1, 0.2), tokens=4)
+    assert token_times(r) == pytest.approx([1.5, 1.5, 1.6, 1.8])
+    assert token_times(CallResult(start=0.0, latency=1.0, status="UNAVAILABLE")) == []

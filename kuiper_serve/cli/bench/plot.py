@@ -19,6 +19,19 @@ def require_matplotlib() -> None:
         ) from None
 
 
+def token_times(r: CallResult) -> list[float]:
+    """When each token of a call arrived (seconds since the run's start): the first at
+    `first`, each later one a recorded gap after the one before."""
+    if not r.tokens or r.first is None:
+        return []
+    t = r.start + r.first
+    out = [t]
+    for gap in r.gaps[: r.tokens - 1]:
+        t += gap
+        out.append(t)
+    return out
+
+
 def plot(results: list[CallResult], path: str | Path, title: str) -> None:
     import matplotlib
 
@@ -37,6 +50,7 @@ def plot(results: list[CallResult], path: str | Path, title: str) -> None:
         lat.scatter([r.start for r in firsts], [r.first * 1000 for r in firsts], s=6,
                     label="time to first token")  # fmt: skip
     lat.set_ylabel("latency (ms)")
+    lat.ticklabel_format(axis="y", useOffset=False, style="plain")
     lat.set_title(title)
     lat.legend(loc="upper right")
 
@@ -45,9 +59,9 @@ def plot(results: list[CallResult], path: str | Path, title: str) -> None:
     calls = [0] * seconds
     tokens = [0] * seconds
     for r in results:
-        i = min(seconds - 1, int(r.start + r.latency))
-        calls[i] += 1
-        tokens[i] += r.tokens
+        calls[min(seconds - 1, int(r.start + r.latency))] += 1
+        for t in token_times(r):  # tokens count when they arrived, not when the call ended
+            tokens[min(seconds - 1, int(t))] += 1
     xs = [i + 0.5 for i in range(seconds)]
     thr.step(xs, calls, where="mid", label="calls finished/s")
     thr.set_ylabel("calls/s")
