@@ -190,6 +190,19 @@ def test_python_client_needs_only_grpc_protobuf_and_the_stubs():
     assert not wrong, "\n".join(sorted(set(wrong)))
 
 
+def test_below_the_cli_only_the_channel_opener_comes_from_the_client():
+    """common and the services share the client's channel opener and ports (one copy), but
+    never build on the client's API: that is the CLI's and the users' side."""
+    wrong = [
+        str(e)
+        for e in EDGES
+        if layer(e.source) in ("kuiper_serve.common", "tokenizer_service", "inference_service")
+        and under(e.target, "kuiper_client")
+        and not under(e.target, "kuiper_client.channel")
+    ]
+    assert not wrong, "\n".join(sorted(set(wrong)))
+
+
 def test_nothing_imports_the_cli():
     wrong = [
         str(e)

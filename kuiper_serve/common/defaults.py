@@ -5,7 +5,7 @@ The gRPC ports and addresses are kuiper_client.channel's, where clients find the
 this package; they are repeated here by name only, so servers and CLI import one module.
 """
 
-from kuiper_client import channel
+import kuiper_client.channel as channel
 
 INFERENCE_PORT = channel.INFERENCE_PORT  # 50051
 TOKENIZER_PORT = channel.TOKENIZER_PORT  # 50052
