@@ -168,5 +168,7 @@ class InferenceMetrics:
         for _ in range(num_tokens):
             self.itl.observe(seconds / num_tokens)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics on `port` (0: a free one); returns the port it listens on."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port

@@ -439,7 +439,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = INFERENCE_PORT
     tokenizer_address: str | None = None
-    metrics_port: int = INFERENCE_METRICS_PORT  # 0: no metrics endpoint
+    metrics_port: int = INFERENCE_METRICS_PORT  # 0: a free port (logged); < 0: no endpoint
     kv_memory_mb: float | None = None
     num_kv_blocks: int | None = None
     block_size: int = 16
@@ -565,7 +565,7 @@ async def serve(cfg: ServerConfig) -> int:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
     await server.start()
     t0 = time.monotonic()
-    print(f"loading model {cfg.model or '(default)'} ...", flush=True)
+    log.info("loading model %s ...", cfg.model or "(default)")
     try:
         engine, model = await asyncio.to_thread(_build_engine_explained, cfg)
     except BaseException:
@@ -575,7 +575,7 @@ async def serve(cfg: ServerConfig) -> int:
         with contextlib.suppress(Exception):
             await tokenizer.close()
         raise
-    print(f"loaded {model.source} in {time.monotonic() - t0:.1f}s", flush=True)
+    log.info("loaded %s in %.1fs", model.source, time.monotonic() - t0)
     engine.start()
     metrics.kv_total.set(engine.num_blocks)
     metrics.block_size = engine.block_manager.block_size
@@ -584,8 +584,8 @@ async def serve(cfg: ServerConfig) -> int:
     servicer.start()
     front.max_request_bytes = cfg.max_request_bytes or max_request_bytes(engine.max_model_len)
     front.ready = servicer
-    if cfg.metrics_port > 0:
-        metrics.serve(cfg.metrics_port, cfg.host)  # same interface as gRPC, like the tokenizer
+    # Same interface as gRPC, and the same rule as the tokenizer: 0 a free port, < 0 none.
+    metrics_port = metrics.serve(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
 
     # Warm up: one tiny generation, so the first client does not pay for lazy setup.
     t0 = time.monotonic()
@@ -593,7 +593,7 @@ async def serve(cfg: ServerConfig) -> int:
     await asyncio.to_thread(
         engine.generate, [warm_prompt], SamplingParams(max_new_tokens=2, temperature=0.0), 600
     )
-    print(f"warm-up done in {time.monotonic() - t0:.1f}s", flush=True)
+    log.info("warm-up done in %.1fs", time.monotonic() - t0)
     stop_ids_task = asyncio.create_task(_stop_ids_from_tokenizer(engine, tokenizer))
     # Stop ids and the sampling limit in place before the first request when the tokenizer
     # answers soon; a tokenizer still starting up does not hold up health (retried above).
@@ -602,14 +602,13 @@ async def serve(cfg: ServerConfig) -> int:
     watchdog = asyncio.create_task(
         watch_engine(engine, server_health.set_serving, cfg.engine_stall_s)
     )
-    print(
-        f"inference service: {model.source} on {engine.backend.device_name}, "
-        f"{engine.num_blocks} KV blocks x {engine.block_manager.block_size} tokens; "
-        f"listening on {cfg.host}:{bound} ({cfg.security.describe()})"
-        + (f", metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port > 0 else "")
-        + f", tokenizer at {tokenizer.address}",
-        flush=True,
-    )
+    log.info(
+        "SERVING %s on %s, %d KV blocks x %d tokens; listening on %s:%d (%s)%s, tokenizer at %s",
+        model.source, engine.backend.device_name, engine.num_blocks,
+        engine.block_manager.block_size, cfg.host, bound, cfg.security.describe(),
+        f", metrics on http://{cfg.host}:{metrics_port}/metrics" if metrics_port else "",
+        tokenizer.address,
+    )  # fmt: skip
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -617,9 +616,7 @@ async def serve(cfg: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    print(
-        f"draining: finishing {servicer.num_streams} stream(s) (grace {cfg.grace_s:g}s)", flush=True
-    )
+    log.info("draining: finishing %d stream(s) (grace %gs)", servicer.num_streams, cfg.grace_s)
     servicer.draining = True
     await server_health.enter_graceful_shutdown()
     deadline = time.monotonic() + cfg.grace_s
@@ -632,5 +629,5 @@ async def serve(cfg: ServerConfig) -> int:
     await asyncio.to_thread(engine.stop)
     with contextlib.suppress(Exception):
         await tokenizer.close()
-    print("inference service stopped", flush=True)
+    log.info("inference service stopped")
     return 0

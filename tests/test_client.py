@@ -13,7 +13,7 @@ from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 from kuiper.v1 import tokenizer_pb2_grpc as tgrpc
-from kuiper_client import AsyncKuiperClient, KuiperClient, KuiperError
+from kuiper_client import AsyncKuiperClient, GenerateChunk, KuiperClient, KuiperError
 
 
 class Scripted(igrpc.InferenceServiceServicer):
@@ -385,3 +385,72 @@ def test_health_and_wait_until_serving(tokenizer_server):
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(ValueError):
             client.health("gpu")
+
+
+# ---- CLI rough edges (issue 17) -------------------------------------------------------------
+
+
+def test_cli_encode_stdin_drops_the_trailing_newline_like_generate(tokenizer_server, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    import io
+
+    from kuiper_serve.cli.main import main
+
+    servicer, address, _ = tokenizer_server
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))  # echo hi | kuiper encode -
+    assert main(["encode", "--address", address, "-"]) == 0
+    assert list(servicer.requests[-1].texts) == ["hi"]
+    assert capsys.readouterr().out.strip() == "[104, 105]"
+
+
+def test_cli_chat_ctrl_c_stops_the_answer_not_the_chat(server, capsys, monkeypatch):
+    import io
+
+    from kuiper_serve.cli.main import main
+
+    servicer, address = server
+    real_chat = KuiperClient.chat
+    calls = []
+
+    def chat(self, messages, **kw):
+        calls.append(list(messages))
+        if len(calls) == 1:  # the first answer: one chunk, then Ctrl-C
+            yield from (GenerateChunk([1], "par"),)
+            raise KeyboardInterrupt
+        yield from real_chat(self, messages, **kw)
+
+    monkeypatch.setattr(KuiperClient, "chat", chat)
+    monkeypatch.setattr("sys.stdin", io.StringIO("one\ntwo\n"))
+    assert main(["chat", "--address", address]) == 0
+    out = capsys.readouterr().out
+    assert "> one\npar [interrupted]\n" in out and out.endswith("> two\nok\n")
+    # The chat went on with the partial answer in its history.
+    assert calls[1] == [("user", "one"), ("assistant", "par"), ("user", "two")]
+
+
+def test_cli_logprobs_needs_json(server, capsys):
+    from kuiper_serve.cli.main import main
+
+    servicer, address = server
+    assert main(["generate", "--address", address, "--logprobs", "2", "hi"]) == 2
+    assert "add --json" in capsys.readouterr().err and servicer.calls == 0
+
+
+def test_cli_suggests_tls_when_localhost_refuses_on_one_address_but_another_listens():
+    """grpc names only the last address it tried: for localhost that can be ::1 (refused)
+    while 127.0.0.1 listens with TLS. A refused message with a listener means: TLS."""
+    import socket
+
+    from kuiper_serve.cli.remote import explain
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        refused = KuiperError(
+            grpc.StatusCode.UNAVAILABLE,
+            "failed to connect to all addresses; last error: UNAVAILABLE: "
+            f"ipv6:%5B::1%5D:{port}: Connection refused",
+        )
+        assert "speak TLS? pass --tls-ca PEM or --tls" in explain(refused, f"localhost:{port}")
+    assert "`kuiper up` starts it" in explain(refused, f"localhost:{port}")  # nothing listens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS
 from kuiper_serve.common.defaults import AUTH_TOKEN_ENV, INFERENCE_ADDRESS, INFERENCE_GRACE_S
@@ -71,6 +72,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="same seed, same output")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="also return each token's log-probability and the N most likely "
+                   "alternatives (shown in --json output)")  # fmt: skip
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -85,7 +89,16 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
         "seed": getattr(args, "seed", None),
         "stop": list(getattr(args, "stop", None) or []),
         "ignore_eos": bool(getattr(args, "ignore_eos", False)),
+        "logprobs": getattr(args, "logprobs", None),
     }
+
+
+def read_prompt(value: str) -> str:
+    """A PROMPT/TEXT argument; '-' reads standard input less one trailing newline (echo's
+    newline is not part of the text), the same for every command."""
+    if value != "-":
+        return value
+    return sys.stdin.read().removesuffix("\n").removesuffix("\r")
 
 
 def add_model_flags(

@@ -45,7 +45,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     with client:
         try:
             return _chat_loop(args, client)
-        except KeyboardInterrupt:  # Ctrl-C ends the chat like EOF does
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the chat like EOF does
             sys.stdout.write("\n")
             return 0
 
@@ -71,8 +71,16 @@ def _chat_loop(args: argparse.Namespace, client: KuiperClient) -> int:
         if not interactive:
             sys.stdout.write(f"> {turn}\n")  # piped: keep the transcript readable
         history.append(("user", turn))
+        seen: list = []
         try:
-            seen = stream_to(sys.stdout, client.chat(history, **sampling_kwargs(args)))
+            stream_to(sys.stdout, client.chat(history, **sampling_kwargs(args)), seen)
+        except KeyboardInterrupt:
+            # Ctrl-C while the answer streams stops that answer (the RPC is cancelled when
+            # the generator closes) and keeps the chat: the partial answer stays in history.
+            sys.stdout.write(" [interrupted]\n")
+            sys.stdout.flush()
+            history.append(("assistant", "".join(c.text for c in seen)))
+            continue
         except KuiperError as exc:
             history.pop()  # the turn got no answer; let the user try again
             failures += 1

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
+import time
 
 from kuiper_client.client import GenerateChunk, KuiperError
 
@@ -14,9 +15,10 @@ from kuiper_serve.cli.args import (
     add_inference_address,
     add_model_flags,
     add_sampling_flags,
+    read_prompt,
     sampling_kwargs,
 )
-from kuiper_serve.cli.remote import explain, open_client, stream_to
+from kuiper_serve.cli.remote import explain, open_client, result_json, stream_to, summary_line
 from kuiper_serve.common.defaults import INFERENCE_ADDRESS
 
 
@@ -41,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_client_security_arguments(p)
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object with token_ids and text at the end")  # fmt: skip
+                   help="print one JSON object at the end: token_ids, text, finish_reason, usage "
+                   "(and logprobs); the shape is in docs/serving.md")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
 
@@ -56,13 +59,15 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         seed=args.seed,
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.prompt == "-":
-        # `echo PROMPT | kuiper generate -`: echo's newline is not part of the prompt
-        args.prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    args.prompt = read_prompt(args.prompt)
+    if args.logprobs is not None and not args.json:
+        print("kuiper generate: --logprobs shows in the --json output; add --json", file=sys.stderr)
+        return 2
     unused = unused_flags(args)
     if unused:
         path = "the served path (without --local)" if args.local else "--local"
@@ -91,49 +96,60 @@ def generate_local(args: argparse.Namespace) -> int:
         params = sampling_params(args)
         params.validate()
     except ValueError as exc:
-        return _fail(f"bad parameter: {exc}")
+        return _fail(f"bad parameter: {exc}", 2)
     try:
         llm = LLM(args.model, device=args.device)
     except (ModelLoadError, FileNotFoundError, RuntimeError, ImportError) as exc:
-        return _fail(f"cannot load the model: {exc}")
+        return _fail(f"cannot load the model: {exc}", 1)
+    token_ids: list[int] = []
+    texts: list[str] = []
+    logprobs: list = []
+    finish = None
+    start = time.monotonic()
+    first = None
     try:
-        chunks = llm.generate(args.prompt, params)
-        token_ids: list[int] = []
-        texts: list[str] = []
-        finish = None
-        for chunk in chunks:
+        prompt_tokens = len(llm.encode(args.prompt))
+        for chunk in llm.generate(args.prompt, params):
+            first = first or time.monotonic()
             token_ids.append(chunk.token_id)
             texts.append(chunk.text)
+            logprobs.append((chunk.token_id, chunk.logprob, chunk.top_logprobs))
             finish = chunk.finish_reason
             if not args.json:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
     except ValueError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), 2)
     except KeyboardInterrupt:  # Ctrl-C: print what came, exit 130 like an interrupted command
         finish = "cancelled"
+    elapsed = time.monotonic() - start
+    ttft = (first - start) if first else 0.0
     if args.json:
-        out = {"token_ids": token_ids, "text": "".join(texts), "finish_reason": finish}
-        print(json.dumps(out, ensure_ascii=False))
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
+                 "time_to_first_token_s": ttft, "queue_time_s": 0.0, "cached_prompt_tokens": 0}  # fmt: skip
+        lps = logprobs if args.logprobs is not None else None
+        print(result_json(token_ids, "".join(texts), finish, usage, lps))
     else:
         sys.stdout.write("\n")
+        print(summary_line(finish, prompt_tokens, len(token_ids), ttft, elapsed), file=sys.stderr)
     return 130 if finish == "cancelled" else 0
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int) -> int:
     print(f"kuiper generate: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+    return code
 
 
 def generate_remote(args: argparse.Namespace) -> int:
-    """Stream the answer to args.prompt from the service at args.address; with --json print
-    one object {"token_ids", "text", "finish_reason", "usage"} at the end instead."""
+    """Stream the answer to args.prompt from the service at args.address, then a summary line
+    on stderr; with --json print one object (result_json) at the end instead."""
     as_json = bool(getattr(args, "json", False))
     client = open_client(args, getattr(args, "timeout", None), "generate")
     if client is None:
         return 2
     seen: list[GenerateChunk] = []
     interrupted = False
+    start = time.monotonic()
     try:
         with client:
             chunks = client.generate(args.prompt, **sampling_kwargs(args))
@@ -143,20 +159,20 @@ def generate_remote(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:  # Ctrl-C: closing the client cancelled the RPC; no traceback
         interrupted = True
+    elapsed = time.monotonic() - start
+    last = seen[-1] if seen else None
+    usage = last.usage if last else None
+    finish = "cancelled" if interrupted else (last.finish_reason if last else None)
+    token_ids = [t for c in seen for t in c.token_ids]
     if as_json:
-        last = seen[-1] if seen else None
-        usage = last.usage if last else None
-        finish = "cancelled" if interrupted else (last.finish_reason if last else None)
-        print(
-            json.dumps(
-                {
-                    "token_ids": [t for c in seen for t in c.token_ids],
-                    "text": "".join(c.text for c in seen),
-                    "finish_reason": finish,
-                    "usage": usage.__dict__ if usage else None,
-                }
-            )
-        )
+        lps = None
+        if args.logprobs is not None:
+            lps = [(lp.token_id, lp.logprob, lp.top) for c in seen for lp in c.logprobs]
+        usage_dict = dataclasses.asdict(usage) if usage else None
+        print(result_json(token_ids, "".join(c.text for c in seen), finish, usage_dict, lps))
     else:
         sys.stdout.write("\n")
+        if usage is not None:
+            print(summary_line(finish, usage.prompt_tokens, usage.completion_tokens,
+                               usage.time_to_first_token_s, elapsed), file=sys.stderr)  # fmt: skip
     return 130 if interrupted else 0

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
         "--metrics-port",
         type=int,
         default=INFERENCE_METRICS_PORT,
-        help=f"Prometheus /metrics port (default {INFERENCE_METRICS_PORT}; 0: off)",
+        help=f"Prometheus /metrics port (default {INFERENCE_METRICS_PORT}; 0: a free port, logged; -1: off)",
     )
     add_connection_arguments(p)
     add_security_arguments(p)

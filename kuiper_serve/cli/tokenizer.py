@@ -12,6 +12,7 @@ from kuiper_serve.cli.args import (
     add_client_security_arguments,
     add_connection_arguments,
     add_security_arguments,
+    read_prompt,
 )
 from kuiper_serve.common.defaults import (
     AUTH_TOKEN_ENV,
@@ -49,7 +50,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=TOKENIZER_METRICS_PORT,
         help=f"Prometheus metrics HTTP port, /metrics (default {TOKENIZER_METRICS_PORT}; "
-        "-1 turns metrics off)",
+        "0: a free port, logged; -1: off)",
     )
     parser.add_argument(
         "--grace",
@@ -145,7 +146,7 @@ def _call(args: argparse.Namespace, fn: Any) -> tuple[Any, int]:
 def _encode(args: argparse.Namespace) -> int:
     from kuiper.v1 import tokenizer_pb2 as pb
 
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = read_prompt(args.text)
     request = pb.EncodeRequest(texts=[text], add_special_tokens=not args.no_special_tokens)
     reply, rc = _call(
         args, lambda stub, md: stub.Encode(request, timeout=CALL_TIMEOUT_S, metadata=md)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kuiper_serve.cli.args import add_engine_flags, add_model_flags, add_security_arguments
+from kuiper_serve.cli.remote import summary_line
 from kuiper_serve.common.defaults import (
     AUTH_TOKEN_ENV,
     DEFAULT_HOST,
@@ -43,7 +44,7 @@ def register(subparsers) -> None:
         type=int,
         default=INFERENCE_METRICS_PORT,
         help=f"inference metrics port (default {INFERENCE_METRICS_PORT}; the tokenizer's is the "
-        "next one; 0: off)",
+        "next one; 0: a free port each, logged; -1: off)",
     )
     u.add_argument(
         "--demo",
@@ -160,19 +161,19 @@ def _run_demo(
     with KuiperClient(address, tls_ca=tls_ca, token=token) as client:
         sys.stdout.write(prompt)
         final = None
+        start = time.monotonic()
         for chunk in client.generate(
             prompt, max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=0
         ):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
             final = chunk
+        elapsed = time.monotonic() - start
     if final is not None and final.usage is not None:
         u = final.usage
-        print(
-            f"\n[{u.completion_tokens} tokens, finish {final.finish_reason}, "
-            f"first token after {u.time_to_first_token_s * 1000:.0f} ms]",
-            flush=True,
-        )
+        line = summary_line(final.finish_reason, u.prompt_tokens, u.completion_tokens,
+                            u.time_to_first_token_s, elapsed)  # fmt: skip
+        print(f"\n{line}", flush=True)
 
 
 RESTART_FIRST_S = 1.0  # backoff before the first restart of a crashed child; doubles
@@ -274,7 +275,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     tok_addr = f"{args.host}:{args.tokenizer_port}"
     inf_addr = f"{args.host}:{args.port}"
     base = [sys.executable, "-m", "kuiper_serve.cli"]
-    tok_metrics = args.metrics_port + 1 if args.metrics_port > 0 else -1
+    # > 0: the tokenizer's on the next port; 0: each a free port (logged); < 0: none.
+    tok_metrics = args.metrics_port + 1 if args.metrics_port > 0 else args.metrics_port
     tok_cmd = base + ["serve-tokenizer", "--model", str(model), "--host", args.host,
                       "--port", str(args.tokenizer_port), "--metrics-port", str(tok_metrics)]  # fmt: skip
     inf_cmd = base + [
@@ -337,6 +339,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.metrics_port > 0:
             print(f"metrics: http://{args.host}:{args.metrics_port}/metrics (inference), "
                   f"http://{args.host}:{tok_metrics}/metrics (tokenizer)", flush=True)  # fmt: skip
+        elif args.metrics_port == 0:
+            print(f"metrics: on free ports, named in the service logs ({logs})", flush=True)
         secure = f" --tls-ca {tls_ca}" if tls_ca else ""
         print(f'try: kuiper generate --address {inf_addr}{secure} "Once upon a time"', flush=True)
         if args.demo is not None:
