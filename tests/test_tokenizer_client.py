@@ -49,9 +49,12 @@ def test_failed_write_reports_the_streams_own_status():
             assert isinstance(
                 await mux._write_error(gone, write_failure()), TokenizerUnavailableError
             )
-            # no better status to be had: the write's own error
+            # no status of its own: the connection went (a killed tokenizer), reported as
+            # unavailable so the mux reconnects and replays instead of failing the request
             err = await mux._write_error(EndedCall(grpc.StatusCode.OK, ""), write_failure())
-            assert isinstance(err, TokenizerRequestError) and "Internal error from Core" in str(err)
+            assert isinstance(err, TokenizerUnavailableError) and "Internal error from Core" in str(
+                err
+            )
         finally:
             await client.close()
 
