@@ -57,7 +57,8 @@ def wait_healthy(address: str, proc: subprocess.Popen, service: str = "") -> Non
 
 def make_engine(model_path: Path, args):
     from inference_service.backends import create_backend
-    from inference_service.engine.engine import Engine, EngineConfig
+    from inference_service.config import EngineConfig
+    from inference_service.engine.engine import Engine
     from inference_service.models import load_model
     from tokenizer_service.tokenizer import load_tokenizer
 

@@ -24,10 +24,11 @@ import grpc
 from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 
+from inference_service.build import build_engine
+from inference_service.config import EngineConfig
 from inference_service.engine.engine import (
     AsyncEngine,
     Engine,
-    EngineConfig,
     EngineStoppedError,
     QueueFullError,
 )
@@ -46,7 +47,12 @@ from inference_service.tokenizer_client import (
 )
 from inference_service.watchdog import DEFAULT_STALL_S, watch_engine
 from kuiper_serve.common.auth import Security, add_port, connection_age_options, count_rejections
-from kuiper_serve.common.defaults import INFERENCE_GRACE_S, INFERENCE_METRICS_PORT, INFERENCE_PORT
+from kuiper_serve.common.defaults import (
+    DEFAULT_HOST,
+    INFERENCE_GRACE_S,
+    INFERENCE_METRICS_PORT,
+    INFERENCE_PORT,
+)
 from kuiper_serve.common.health import ServerHealth
 from kuiper_serve.common.model_source import model_name
 from kuiper_serve.common.request_parsing import Undecodable, lenient_parser
@@ -434,18 +440,14 @@ class LoadingServicer(igrpc.InferenceServiceServicer):
 
 @dataclass
 class ServerConfig:
-    model: str | None = None
-    device: str = "auto"
-    host: str = "0.0.0.0"
+    """The inference server's settings: its engine's (model, device, KV pool, batching: one
+    EngineConfig) and what only the server uses (listening, tokenizer service, metrics)."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = DEFAULT_HOST
     port: int = INFERENCE_PORT
     tokenizer_address: str | None = None
     metrics_port: int = INFERENCE_METRICS_PORT  # 0: a free port (logged); < 0: no endpoint
-    kv_memory_mb: float | None = None
-    num_kv_blocks: int | None = None
-    block_size: int = 16
-    max_batch_size: int = 32
-    max_waiting: int = 256
-    max_num_batched_tokens: int = 512
     # One request message at most, in bytes (None: context length x 5 + 1 MiB, capped at
     # TRANSPORT_MAX_REQUEST_BYTES); the transport refuses anything above it (or above the cap).
     max_request_bytes: int | None = None
@@ -485,30 +487,9 @@ async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -
         return
 
 
-def _build_engine(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
-    from inference_service.backends import create_backend
-    from inference_service.models import load_model
-    from kuiper_serve.common.model_source import resolve_model
-
-    path = resolve_model(cfg.model)
-    model = load_model(path)
-    kv_bytes = int(cfg.kv_memory_mb * 2**20) if cfg.kv_memory_mb is not None else None
-    backend = create_backend(
-        model,
-        device=cfg.device,
-        num_blocks=cfg.num_kv_blocks,
-        block_size=cfg.block_size,
-        kv_memory_bytes=kv_bytes,
-    )
-    engine = Engine(
-        backend,
-        EngineConfig(
-            max_batch_size=cfg.max_batch_size,
-            max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_batch_size),
-            max_waiting=cfg.max_waiting,
-        ),
-    )
-    return engine, ModelDescription(source=str(path), dtype=model.dtype)
+def _build_engine(cfg: EngineConfig) -> tuple[Engine, ModelDescription]:
+    built = build_engine(cfg)
+    return built.engine, ModelDescription(source=str(built.path), dtype=built.model.dtype)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -516,7 +497,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "MemoryError" or "out of memory" in str(exc).lower()
 
 
-def _build_engine_explained(cfg: ServerConfig) -> tuple[Engine, ModelDescription]:
+def _build_engine_explained(cfg: EngineConfig) -> tuple[Engine, ModelDescription]:
     """_build_engine, with running out of memory turned into what to lower."""
     try:
         return _build_engine(cfg)
@@ -532,7 +513,7 @@ def _build_engine_explained(cfg: ServerConfig) -> tuple[Engine, ModelDescription
 
 async def serve(cfg: ServerConfig) -> int:
     """Raises ValueError (bad TLS files) or OSError (port taken) when it cannot start."""
-    metrics = InferenceMetrics(model_name=model_name(cfg.model))  # before the slow load
+    metrics = InferenceMetrics(model_name=model_name(cfg.engine.model))  # before the slow load
     credentials = cfg.security.credentials()
     # Before the slow model load, so an unreadable CA file fails at once.
     try:
@@ -565,9 +546,9 @@ async def serve(cfg: ServerConfig) -> int:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
     await server.start()
     t0 = time.monotonic()
-    log.info("loading model %s ...", cfg.model or "(default)")
+    log.info("loading model %s ...", cfg.engine.model or "(default)")
     try:
-        engine, model = await asyncio.to_thread(_build_engine_explained, cfg)
+        engine, model = await asyncio.to_thread(_build_engine_explained, cfg.engine)
     except BaseException:
         # Stop the listening server here, on its loop: left to the garbage collector it
         # schedules AioServer.shutdown on a closed loop (asyncio noise after the real error).

@@ -9,10 +9,10 @@ import time
 import pytest
 from fake_backend import FakeBackend, oracle_generate
 
+from inference_service.config import EngineConfig
 from inference_service.engine.engine import (
     AsyncEngine,
     Engine,
-    EngineConfig,
     QueueFullError,
     RequestOutput,
 )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from models_util import build_llama2, hf_greedy
 
 import inference_service.llm as llm_module
+from inference_service.config import EngineConfig
 from inference_service.llm import LLM
 from inference_service.sampling.params import SamplingParams
 from kuiper_serve.cli.main import main as kuiper_main
@@ -39,11 +41,29 @@ def test_greedy_ids_match_transformers(tiny):
     assert llm.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
 
 
-def test_long_prompt_is_prefilled_in_chunks(tiny, monkeypatch):
+def test_long_prompt_is_prefilled_in_chunks(tiny):
     llm, hf = tiny
-    monkeypatch.setattr(llm_module, "PREFILL_CHUNK", 7)
     ids = prompt(1, 40)
-    assert llm.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
+    # 7 tokens per engine step: the 40-token prompt takes 6 prefill steps
+    with LLM(
+        llm.model.source, config=EngineConfig(max_batch_size=4, max_num_batched_tokens=7)
+    ) as small:
+        assert small.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
+
+
+def test_a_list_of_prompts_runs_batched(tiny):
+    llm, hf = tiny
+    prompts = [prompt(10 + i, 5 + 3 * i) for i in range(5)]
+    sizes: list[int] = []
+    llm.engine.add_stats_listener(lambda stats: sizes.append(stats.batch_size))
+    done = llm.generate(prompts, GREEDY)
+    assert [c.token_ids for c in done] == [hf_greedy(hf, p, 24) for p in prompts]
+    assert all(c.finish_reason == "length" and len(c.chunks) == 24 for c in done)
+    assert max(sizes) == len(prompts)  # the engine ran them together
+    # seeded sampling gives each prompt the same tokens batched as alone
+    p = SamplingParams(temperature=1.0, top_k=20, seed=7, max_new_tokens=10, ignore_eos=True)
+    batched = [c.token_ids for c in llm.generate(prompts[:3], p)]
+    assert batched == [llm.generate_ids(q, p) for q in prompts[:3]]
 
 
 def test_eos_and_stop_token_ids(tiny):
@@ -84,15 +104,22 @@ def test_seeded_sampling_reproduces(tiny):
     assert llm.generate_ids(ids, other) != a
 
 
-def test_one_generation_at_a_time(tiny):
+def test_streams_interleave_and_an_abandoned_one_is_aborted(tiny):
     llm, hf = tiny
-    ids = prompt(5, 6)
-    first = llm.generate(ids, GREEDY)
-    next(first)
-    with pytest.raises(RuntimeError, match="still streaming"):
-        llm.generate(ids, GREEDY)
-    first.close()  # an abandoned stream frees the model
-    assert llm.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
+    a_ids, b_ids = prompt(5, 6), prompt(6, 9)
+    a, b = llm.generate(a_ids, GREEDY), llm.generate(b_ids, GREEDY)
+    got_a = [next(a).token_id for _ in range(3)]
+    got_b = [c.token_id for c in b]
+    got_a += [c.token_id for c in a]
+    assert (got_a, got_b) == (hf_greedy(hf, a_ids, 24), hf_greedy(hf, b_ids, 24))
+    abandoned = llm.generate(a_ids, GREEDY)
+    next(abandoned)
+    abandoned.close()  # aborts the request: its KV blocks go back to the pool
+    deadline = time.monotonic() + 30
+    while llm.engine.block_manager.num_used_blocks:
+        assert time.monotonic() < deadline, "the abandoned request kept its blocks"
+        time.sleep(0.01)
+    assert llm.generate_ids(a_ids, GREEDY) == got_a
 
 
 def test_bad_requests(tiny):
@@ -236,4 +263,4 @@ def test_huge_max_new_tokens_stops_at_the_context_length(tiny):
     params = SamplingParams(temperature=0.0, max_new_tokens=10**10, ignore_eos=True)
     chunks = list(llm.generate(ids, params))
     assert chunks[-1].finish_reason == "length"
-    assert len(ids) + len(chunks) - 1 == llm.max_context  # the last token needs no KV slot
+    assert len(ids) + len(chunks) == llm.max_context  # as served: the engine's length rule

@@ -14,8 +14,9 @@ from fake_backend import FakeBackend, oracle_generate
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from inference_service.config import EngineConfig
 from inference_service.engine.block_manager import BlockManager
-from inference_service.engine.scheduler import Scheduler, SchedulerConfig
+from inference_service.engine.scheduler import Scheduler
 from inference_service.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inference_service.sampling.params import SamplingParams
 
@@ -59,7 +60,7 @@ def make_stack(num_blocks, max_batch, max_tokens, bs=4, prefix_caching=True):
     """FakeBackend and BlockManager over the same pool of `num_blocks`, and a Scheduler."""
     backend = FakeBackend(num_blocks=num_blocks, block_size=bs, vocab_size=VOCAB)
     bm = BlockManager(num_blocks, bs, enable_prefix_caching=prefix_caching)
-    config = SchedulerConfig(max_batch_size=max_batch, max_num_batched_tokens=max_tokens)
+    config = EngineConfig(max_batch_size=max_batch, max_num_batched_tokens=max_tokens)
     return backend, bm, Scheduler(config, bm)
 
 

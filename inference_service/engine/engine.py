@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference_service.backends.base import Backend, BatchItem, check_backend
+from inference_service.config import EngineConfig
 from inference_service.engine.block_manager import BlockManager
-from inference_service.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from inference_service.engine.scheduler import Scheduler, SchedulerOutput
 from inference_service.engine.sequence import FinishReason, Sequence
 from inference_service.sampling.params import SampleOutput, SamplingParams
 
@@ -39,15 +40,6 @@ class QueueFullError(Exception):
 
 class EngineStoppedError(Exception):
     """The engine is not running (not started, shutting down, or crashed)."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 32
-    max_num_batched_tokens: int = 512
-    max_waiting: int = 256  # accepted requests not yet scheduled, at most
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None  # None: the model's context length
 
 
 @dataclass
@@ -102,10 +94,7 @@ class Engine:
         self.block_manager = BlockManager(
             backend.num_blocks, backend.block_size, self.config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_batch_size, self.config.max_num_batched_tokens),
-            self.block_manager,
-        )
+        self.scheduler = Scheduler(self.config, self.block_manager)
         self.stop_ids = frozenset(stop_ids) or frozenset(backend.config.eos_token_ids)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._lock = threading.Lock()

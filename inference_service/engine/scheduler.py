@@ -18,25 +18,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from inference_service.config import EngineConfig
 from inference_service.engine.block_manager import BlockManager, PrefixMatch
 from inference_service.engine.sequence import FinishReason, Sequence, SequenceStatus
 from inference_service.sampling.params import SampleOutput
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_size: int = 32  # running sequences at most
-    max_num_batched_tokens: int = 512  # tokens per step: decodes + prefill chunks
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_num_batched_tokens < self.max_batch_size:
-            raise ValueError(
-                "max_num_batched_tokens must be >= max_batch_size so every running "
-                f"sequence can decode each step (got {self.max_num_batched_tokens} < "
-                f"{self.max_batch_size})"
-            )
 
 
 @dataclass
@@ -64,7 +49,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        """Reads config.max_batch_size and config.max_num_batched_tokens."""
         self.config = config
         self.bm = block_manager
         self.waiting: deque[Sequence] = deque()

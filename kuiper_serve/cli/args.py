@@ -7,8 +7,11 @@ import argparse
 import os
 import sys
 
+from inference_service.config import EngineConfig
 from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS
 from kuiper_serve.common.defaults import AUTH_TOKEN_ENV, INFERENCE_ADDRESS, INFERENCE_GRACE_S
+
+ENGINE = EngineConfig()  # the model and engine flags' defaults
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,9 +108,10 @@ def add_model_flags(
     p: argparse.ArgumentParser,
     device_help: str = "auto (default): cuda when a GPU and pycuda exist, else cpu",
 ) -> None:
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", default=ENGINE.model,
                    help="GGUF file, HF folder or Hugging Face id org/name[@rev] (default: SmolLM2-135M)")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=device_help)
+    p.add_argument("--device", default=ENGINE.device, choices=["auto", "cpu", "cuda"],
+                   help=device_help)  # fmt: skip
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -115,24 +119,28 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     kv.add_argument(
         "--kv-memory",
         type=float,
-        default=None,
+        default=ENGINE.kv_memory_mb,
         metavar="MB",
         help="KV cache pool size in MiB (default: backend's choice)",
     )
-    kv.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache pool size in blocks")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--max-batch-size", type=int, default=32, help="running sequences at most")
+    kv.add_argument("--num-kv-blocks", type=int, default=ENGINE.num_kv_blocks,
+                    help="KV cache pool size in blocks")  # fmt: skip
+    p.add_argument("--block-size", type=int, default=ENGINE.block_size,
+                   help=f"tokens per KV block (default {ENGINE.block_size})")  # fmt: skip
+    p.add_argument("--max-batch-size", type=int, default=ENGINE.max_batch_size,
+                   help=f"running sequences at most (default {ENGINE.max_batch_size})")  # fmt: skip
     p.add_argument(
         "--max-waiting",
         type=int,
-        default=256,
-        help="queued requests at most; beyond: RESOURCE_EXHAUSTED",
+        default=ENGINE.max_waiting,
+        help=f"queued requests at most; beyond: RESOURCE_EXHAUSTED (default {ENGINE.max_waiting})",
     )
     p.add_argument(
         "--max-batched-tokens",
         type=int,
-        default=512,
-        help="tokens per engine step (prefill chunks + decodes)",
+        default=ENGINE.max_num_batched_tokens,
+        help="tokens per engine step, prefill chunks + decodes (default "
+        f"{ENGINE.max_num_batched_tokens}; raised to --max-batch-size when below it)",
     )
     p.add_argument(
         "--max-request-bytes",
@@ -154,4 +162,19 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         default=INFERENCE_GRACE_S,
         help="seconds running streams get to finish after SIGTERM",
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the model and engine flags describe."""
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_memory_mb=args.kv_memory,
+        max_batch_size=args.max_batch_size,
+        # every running sequence must be able to decode in each step
+        max_num_batched_tokens=max(args.max_batched_tokens, args.max_batch_size),
+        max_waiting=args.max_waiting,
     )

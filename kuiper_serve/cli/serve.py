@@ -12,6 +12,7 @@ from kuiper_serve.cli.args import (
     add_engine_flags,
     add_model_flags,
     add_security_arguments,
+    engine_config,
 )
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
@@ -75,29 +76,22 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
     from kuiper_serve.common.auth import Security
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = ServerConfig(
-        model=args.model,
-        device=args.device,
-        host=args.host,
-        port=args.port,
-        tokenizer_address=args.tokenizer_address,
-        metrics_port=args.metrics_port,
-        kv_memory_mb=args.kv_memory,
-        num_kv_blocks=args.num_kv_blocks,
-        block_size=args.block_size,
-        max_batch_size=args.max_batch_size,
-        max_waiting=args.max_waiting,
-        max_num_batched_tokens=args.max_batched_tokens,
-        max_request_bytes=args.max_request_bytes,
-        engine_stall_s=args.engine_stall_timeout,
-        grace_s=args.grace,
-        max_connection_age_s=args.max_connection_age,
-        security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
-        tokenizer_tls=args.tokenizer_tls,
-        tokenizer_tls_ca=args.tokenizer_tls_ca,
-        tokenizer_auth_token=args.tokenizer_auth_token or args.auth_token or None,
-    )
     try:
+        cfg = ServerConfig(
+            engine=engine_config(args),
+            host=args.host,
+            port=args.port,
+            tokenizer_address=args.tokenizer_address,
+            metrics_port=args.metrics_port,
+            max_request_bytes=args.max_request_bytes,
+            engine_stall_s=args.engine_stall_timeout,
+            grace_s=args.grace,
+            max_connection_age_s=args.max_connection_age,
+            security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
+            tokenizer_tls=args.tokenizer_tls,
+            tokenizer_tls_ca=args.tokenizer_tls_ca,
+            tokenizer_auth_token=args.tokenizer_auth_token or args.auth_token or None,
+        )
         return asyncio.run(serve(cfg))
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
         print(f"kuiper serve-inference: {exc}", file=sys.stderr)
