@@ -1,7 +1,9 @@
 """End to end: tokenizer + inference services as subprocesses on loopback, real gRPC clients.
 
-Oracles: `inference_service.llm.LLM` (one sequence at a time, no scheduler, no gRPC, its own
-in-process tokenizer) for ids and text, and the `tokenizers` library for text.
+Oracles: `inference_service.llm.LLM` (the same engine in-process: no gRPC, no tokenizer service,
+its own in-process tokenizer and stop-string matching) for ids and text, and the `tokenizers`
+library for text. The engine itself is checked against HF transformers in test_engine.py and
+test_llm.py.
 """
 
 from __future__ import annotations
