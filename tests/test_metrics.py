@@ -135,6 +135,8 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
         board = json.loads(path.read_text())
         exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
         assert exprs, path
+        # template variables' queries too (label_values(METRIC, label))
+        exprs += [v["definition"] for v in board["templating"]["list"] if "definition" in v]
         for expr in exprs:
             for name in re.findall(r"\bkuiper_[a-z0-9_]+", expr):
                 assert name in exported, f"{path.name}: {name} is not exported"
