@@ -117,3 +117,14 @@ def check_batch(
             bad_id = ids.min() < 0 or ids.max() >= vocab_size
         if bad_id:
             raise ValueError(f"sequence {item.seq_id}: token id out of range 0..{vocab_size - 1}")
+
+
+def check_batch_for(backend: Backend, batch: list[BatchItem]) -> None:
+    """check_batch against backend's own limits: its KV pool, vocabulary and max_model_len."""
+    check_batch(
+        batch,
+        block_size=backend.block_size,
+        num_blocks=backend.num_blocks,
+        vocab_size=backend.config.vocab_size,
+        max_model_len=backend.max_model_len,
+    )

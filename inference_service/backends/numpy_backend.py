@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from inference_service.backends.base import BatchItem, check_batch
+from inference_service.backends.base import BatchItem, check_batch_for
 from inference_service.models.attention import SeqSpan
 from inference_service.models.config import ModelConfig
 from inference_service.models.forward import KVCache, StepInputs, forward
@@ -119,13 +119,7 @@ class NumpyBackend:
     def _forward(self, batch: list[BatchItem], rows: list[int]) -> np.ndarray:
         """Run the batch; return float32 logits [len(rows), vocab] of the last token of each
         item listed in rows."""
-        check_batch(
-            batch,
-            block_size=self.block_size,
-            num_blocks=self.num_blocks,
-            vocab_size=self.config.vocab_size,
-            max_model_len=self.max_model_len,
-        )
+        check_batch_for(self, batch)
         step = self._inputs(batch)
         ends = np.array([s.row + s.n for s in step.seqs], dtype=np.int64)
         last = ends[rows] - 1 if rows else np.zeros(0, dtype=np.int64)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from inference_service.backends.base import BatchItem, check_batch
+from inference_service.backends.base import BatchItem, check_batch_for
 from inference_service.backends.cuda.blaslt import gemm_choice, open_blaslt
 from inference_service.backends.cuda.device import Device
 from inference_service.backends.cuda.kernels import StepKernels
@@ -266,13 +266,7 @@ class CudaBackend:
     # ------------------------------------------------------------------ inputs
 
     def _check(self, batch: list[BatchItem]) -> None:
-        check_batch(
-            batch,
-            block_size=self.block_size,
-            num_blocks=self.num_blocks,
-            vocab_size=self.config.vocab_size,
-            max_model_len=self.max_model_len,
-        )
+        check_batch_for(self, batch)
         n_rows = sum(it.sampling is not None for it in batch)
         if n_rows > self.max_batch or len(batch) > self.max_batch:
             raise ValueError(f"batch of {len(batch)} exceeds the CUDA backend's {self.max_batch}")
