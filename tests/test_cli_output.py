@@ -120,3 +120,26 @@ def test_inference_metrics_port_zero_is_a_free_port_and_logs_have_timestamps(sta
     lines = [ln for ln in log.splitlines() if "kuiper.inference" in ln]
     assert any("SERVING" in ln for ln in lines), log
     assert lines and all(stamped.match(ln) for ln in lines), log
+
+
+def test_up_checks_the_tokenizer_metrics_port_too(capsys) -> None:
+    """up puts the tokenizer's metrics on --metrics-port + 1: a taken one is refused up front,
+    named, before anything starts."""
+    import socket
+
+    from servers import free_port
+
+    from kuiper_serve.cli.main import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with socket.socket() as probe:  # the port below must be free for the test to mean much
+            if probe.connect_ex(("127.0.0.1", port - 1)) == 0:
+                pytest.skip(f"127.0.0.1:{port - 1} is in use")
+        argv = ["up", "--port", str(free_port()), "--tokenizer-port", str(free_port()),
+                "--metrics-port", str(port - 1)]  # fmt: skip
+        assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} (--metrics-port + 1) is already in use" in err
