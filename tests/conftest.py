@@ -13,6 +13,12 @@ from servers import REPO_ROOT, free_port  # noqa: F401
 
 
 def pytest_collection_modifyitems(config, items):
+    # Long reliability runs only when asked for (-m long); CI runs the short mode.
+    if "long" not in (config.getoption("-m") or ""):
+        skip_long = pytest.mark.skip(reason="long run: select it with -m long")
+        for item in items:
+            if item.get_closest_marker("long"):
+                item.add_marker(skip_long)
     # GPU tests run by hand on a GPU machine; everywhere else they skip with the reason.
     try:
         import pycuda.driver as cuda  # noqa: F401

@@ -71,6 +71,8 @@ def test_256_streams_all_finish_and_leave_nothing_behind(secured_stack, request)
         wait_until(lambda: secured_stack.metrics().get("kuiper_inference_kv_blocks_used") == 0,
                    20, "KV blocks back to 0")  # fmt: skip
         rss.append(rss_mb(pid))
+        print(f"{STREAMS} streams x {tokens} tokens: {seconds:.1f} s, inference RSS "
+              f"{rss[-1]:.0f} MB")  # fmt: skip
     growth = rss[-1] - rss[0]
     assert growth < 32, f"inference RSS grew {growth:.0f} MB over {rounds - 1} more rounds: {rss}"
 
@@ -94,3 +96,20 @@ def test_resource_exhausted_only_beyond_the_queue(small_queue_stack):
     for _ in range(2):
         codes, _, _ = run_round(small_queue_stack.address, 40, 8)
         assert codes == Counter({"OK": 40}), codes
+
+
+@pytest.mark.long
+def test_soak(tiny_model):  # noqa: F811
+    """bench/soak.py for 5 minutes: mixed load, the tokenizer killed and restarted half-way;
+    it exits 0 only with no unexpected status, every running stream finished and no KV block
+    held."""
+    import subprocess
+    import sys
+
+    from servers import REPO_ROOT, server_env
+
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "soak.py"), "--model",
+                          str(tiny_model), "--duration", "300", "--concurrency", "64"],
+                         capture_output=True, text=True, env=server_env(), timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "unexpected statuses: 0" in out.stdout
