@@ -274,7 +274,7 @@ def main() -> int:
     print(f"time to first token p50 {percentile(soak.ttft, 0.5) * 1000:.0f} ms, "
           f"p99 {percentile(soak.ttft, 0.99) * 1000:.0f} ms; longest wait between two tokens of a "
           f"stream p50 {percentile(soak.gaps, 0.5) * 1000:.0f} ms, "
-          f"p99 {percentile(soak.gaps, 0.99) * 1000:.0f} ms, max {max(soak.gaps) * 1000:.0f} ms")  # fmt: skip
+          f"p99 {percentile(soak.gaps, 0.99) * 1000:.0f} ms, max {max(soak.gaps, default=float('nan')) * 1000:.0f} ms")  # fmt: skip
     print(f"RSS inference {rss0[0]:.0f} -> {rss1[0]:.0f} MB, tokenizer {rss0[1]:.0f} -> "
           f"{rss1[1]:.0f} MB (restarted); KV blocks in use when idle: {kv_used:.0f}")  # fmt: skip
     return 0 if not soak.unexpected and kv_used == 0 and survived == len(soak.survivors) else 1
