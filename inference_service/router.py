@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import grpc
 from kuiper.v1 import tokenizer_pb2 as tpb
 
-from inference_service.engine.engine import Engine, RequestOutput
+from inference_service.engine.engine import RequestOutput
 from inference_service.engine.sequence import FinishReason
 from inference_service.engine.stop_strings import StopStringMatcher
 from inference_service.sampling.params import SampleOutput
@@ -96,6 +97,26 @@ class LiveRequest:
     pending: list[_Merged] = field(default_factory=list)
     waiting_since: float | None = None
 
+    async def next_delta(self) -> Delta:
+        """The next Delta, merged with every one queued behind it: a client that reads
+        slower than the engine steps gets one message with all its ready tokens."""
+        delta = await self.queue.get()
+        while delta.error is None and delta.finish_reason is None and not self.queue.empty():
+            delta = _merge(delta, self.queue.get_nowait())
+        return delta
+
+
+def _merge(a: Delta, b: Delta) -> Delta:
+    if b.error is not None:
+        return b
+    out = b.output or a.output
+    if a.output is not None and out is not None and out.queue_time_s is None:
+        out = dataclasses.replace(out, queue_time_s=a.output.queue_time_s)  # sent once
+    return Delta(
+        a.token_ids + b.token_ids, a.text + b.text, a.logprobs + b.logprobs, b.finish_reason,
+        output=out,
+    )  # fmt: skip
+
 
 MAX_SEQUENCES_PER_MESSAGE = 1024  # the tokenizer service's limit per DecodeStream message
 MAX_BACKLOG = 16  # pending steps beyond which they are merged: bounds the lag under overload
@@ -104,7 +125,8 @@ _Target = tuple[LiveRequest, _Merged]
 
 
 class OutputRouter:
-    def __init__(self, engine: Engine, decoder: DecodeStreamMux):
+    def __init__(self, engine, decoder: DecodeStreamMux):
+        """engine: an Engine or an EngineClient (only abort() is used)."""
         self.engine = engine
         self.decoder = decoder
         self._live: dict[int, LiveRequest] = {}
@@ -205,7 +227,9 @@ class OutputRouter:
             last = m.last
             assert last is not None
             if last.finish_reason is FinishReason.ERROR:
-                self._fail(req, grpc.StatusCode.INTERNAL, last.error or "engine error")
+                # a dead engine process is restarted: the client may retry elsewhere or later
+                code = grpc.StatusCode.UNAVAILABLE if last.engine_lost else grpc.StatusCode.INTERNAL
+                self._fail(req, code, last.error or "engine error")
                 continue
             stale = req.opened_epoch is not None and req.opened_epoch != epoch
             if stale or req.request_id in self._reopen:

@@ -1,4 +1,8 @@
-"""The inference service: grpc.aio InferenceService over the engine thread.
+"""The inference service: grpc.aio InferenceService over the engine.
+
+The engine runs in its own process by default (`engine_core.client.EngineClient` over `engine_core.process`: the
+device, the scheduler and the step loop never share a GIL with gRPC); `single_process` keeps
+it as a thread of this process (debugging). The servicer sees the same face either way.
 
 Generate/Chat validate their input (INVALID_ARGUMENT), get prompt ids from the tokenizer
 service (UNAVAILABLE when it is down), queue the request in the engine (RESOURCE_EXHAUSTED
@@ -24,7 +28,6 @@ import grpc
 from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 
-from inference_service.build import build_engine
 from inference_service.config import EngineConfig
 from inference_service.engine.engine import (
     AsyncEngine,
@@ -33,6 +36,8 @@ from inference_service.engine.engine import (
     QueueFullError,
 )
 from inference_service.engine.sequence import FinishReason
+from inference_service.engine_core.build import EngineSpec, build_engine
+from inference_service.engine_core.client import EngineClient
 from inference_service.metrics import FINISHED_REASON, InferenceMetrics
 from inference_service.router import Delta, OutputRouter, RpcError
 from inference_service.sampling.params import (
@@ -141,7 +146,7 @@ def _logprobs_proto(samples: list[SampleOutput]) -> list[ipb.TokenLogprob]:
 class InferenceServicer(igrpc.InferenceServiceServicer):
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | EngineClient,
         tokenizer: TokenizerClient,
         metrics: InferenceMetrics,
         model: ModelDescription,
@@ -188,7 +193,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
             num_kv_heads=c.num_kv_heads,
             dtype=self.model.dtype,
             device=self.engine.backend.device_name,
-            kv_block_size=self.engine.block_manager.block_size,
+            kv_block_size=self.engine.backend.block_size,
             kv_blocks_total=self.engine.num_blocks,
             max_batch_size=self.engine.config.max_batch_size,
         )
@@ -318,7 +323,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
         scheduled: float | None = None  # when the engine first scheduled it
         try:
             while True:
-                delta: Delta = await live.queue.get()
+                delta: Delta = await live.next_delta()
                 if delta.error is not None:
                     raise delta.error
                 now = time.monotonic()
@@ -461,9 +466,17 @@ class ServerConfig:
     tokenizer_tls: bool = False
     tokenizer_tls_ca: str | None = None
     tokenizer_auth_token: str | None = None
+    single_process: bool = False  # the engine as a thread of the server (debugging)
+    # engine.max_batch_size from the backend instead (--max-batch-size not given)
+    auto_max_batch_size: bool = False
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(self.engine, self.auto_max_batch_size)
 
 
-async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -> None:
+async def _stop_ids_from_tokenizer(
+    engine: Engine | EngineClient, tokenizer: TokenizerClient
+) -> None:
     """End-of-sequence ids come from the tokenizer (eos plus e.g. <|im_end|>); keep asking
     until it answers, the model's own eos ids serve meanwhile. A tokenizer with fewer ids than
     the model's embedding table (padded tables) also limits sampling to its ids: the others
@@ -487,28 +500,18 @@ async def _stop_ids_from_tokenizer(engine: Engine, tokenizer: TokenizerClient) -
         return
 
 
-def _build_engine(cfg: EngineConfig) -> tuple[Engine, ModelDescription]:
-    built = build_engine(cfg)
-    return built.engine, ModelDescription(source=str(built.path), dtype=built.model.dtype)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # numpy raises MemoryError; pycuda its own MemoryError class; CUDA says "out of memory".
-    return type(exc).__name__ == "MemoryError" or "out of memory" in str(exc).lower()
-
-
-def _build_engine_explained(cfg: EngineConfig) -> tuple[Engine, ModelDescription]:
-    """_build_engine, with running out of memory turned into what to lower."""
-    try:
-        return _build_engine(cfg)
-    except Exception as exc:
-        if not _is_out_of_memory(exc):
-            raise
-        raise RuntimeError(
-            f"not enough {'device' if cfg.device != 'cpu' else 'host'} memory for the model and "
-            f"its KV cache ({type(exc).__name__}: {exc}); lower --kv-memory or --num-kv-blocks "
-            "(or --max-batch-size / --max-batched-tokens), or pick a smaller model"
-        ) from None
+async def _start_engine(
+    cfg: ServerConfig, on_state
+) -> tuple[Engine | EngineClient, ModelDescription]:
+    """The engine, started: in its own process, or as a thread here (single_process)."""
+    spec = cfg.engine_spec()
+    if cfg.single_process:
+        built = await asyncio.to_thread(build_engine, spec)
+        built.engine.start()
+        return built.engine, ModelDescription(source=built.source, dtype=built.dtype)
+    client = EngineClient(spec, on_state=on_state)
+    await asyncio.to_thread(client.start)
+    return client, ModelDescription(source=client.info.source, dtype=client.info.dtype)
 
 
 async def serve(cfg: ServerConfig) -> int:
@@ -547,8 +550,21 @@ async def serve(cfg: ServerConfig) -> int:
     await server.start()
     t0 = time.monotonic()
     log.info("loading model %s ...", cfg.engine.model or "(default)")
+    loop = asyncio.get_running_loop()
+    serving = asyncio.Event()  # set once warmed up; engine restarts toggle health after it
+    draining = False
+
+    def on_engine_state(up: bool) -> None:
+        """Receiver thread: the engine process died (False) or is back (True)."""
+
+        def apply() -> None:
+            if serving.is_set() and not draining:
+                loop.create_task(server_health.set_serving(up))
+
+        loop.call_soon_threadsafe(apply)
+
     try:
-        engine, model = await asyncio.to_thread(_build_engine_explained, cfg.engine)
+        engine, model = await _start_engine(cfg, on_engine_state)
     except BaseException:
         # Stop the listening server here, on its loop: left to the garbage collector it
         # schedules AioServer.shutdown on a closed loop (asyncio noise after the real error).
@@ -556,10 +572,10 @@ async def serve(cfg: ServerConfig) -> int:
         with contextlib.suppress(Exception):
             await tokenizer.close()
         raise
-    log.info("loaded %s in %.1fs", model.source, time.monotonic() - t0)
-    engine.start()
+    where = "" if cfg.single_process else f" (engine process {engine.pid})"
+    log.info("loaded %s in %.1fs%s", model.source, time.monotonic() - t0, where)
     metrics.kv_total.set(engine.num_blocks)
-    metrics.block_size = engine.block_manager.block_size
+    metrics.block_size = engine.backend.block_size
     engine.add_stats_listener(metrics.on_step)
     servicer = InferenceServicer(engine, tokenizer, metrics, model)
     servicer.start()
@@ -583,22 +599,24 @@ async def serve(cfg: ServerConfig) -> int:
     watchdog = asyncio.create_task(
         watch_engine(engine, server_health.set_serving, cfg.engine_stall_s)
     )
+    serving.set()
     log.info(
-        "SERVING %s on %s, %d KV blocks x %d tokens; listening on %s:%d (%s)%s, tokenizer at %s",
+        "SERVING %s on %s, %d KV blocks x %d tokens, batch <= %d; listening on %s:%d (%s)%s, "
+        "tokenizer at %s",
         model.source, engine.backend.device_name, engine.num_blocks,
-        engine.block_manager.block_size, cfg.host, bound, cfg.security.describe(),
+        engine.backend.block_size, engine.config.max_batch_size, cfg.host, bound,
+        cfg.security.describe(),
         f", metrics on http://{cfg.host}:{metrics_port}/metrics" if metrics_port else "",
         tokenizer.address,
     )  # fmt: skip
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
     log.info("draining: finishing %d stream(s) (grace %gs)", servicer.num_streams, cfg.grace_s)
-    servicer.draining = True
+    servicer.draining = draining = True
     await server_health.enter_graceful_shutdown()
     deadline = time.monotonic() + cfg.grace_s
     while servicer.num_streams and time.monotonic() < deadline:

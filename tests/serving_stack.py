@@ -20,9 +20,12 @@ SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=
                      num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)  # fmt: skip
 
 
-def build_tiny_model(folder: Path, context: int = 2048, **shape) -> Path:
+def build_tiny_model(
+    folder: Path, context: int = 2048, dtype: str = "float32", init_device: str = "cpu", **shape
+) -> Path:
     """HF folder: byte-level BPE tokenizer (ChatML template) + a random Llama sized to it
-    (or of another `shape`, e.g. SMOLLM2_SHAPE, for benchmarks)."""
+    (or of another `shape`, e.g. SMOLLM2_SHAPE, for benchmarks: dtype "bfloat16" halves the
+    file, init_device "cuda" makes large shapes quickly)."""
     import torch
     from tokenizer_models import build_hf_bpe
     from tokenizers import Tokenizer
@@ -48,11 +51,12 @@ def build_tiny_model(folder: Path, context: int = 2048, **shape) -> Path:
         eos_token_id=tok.token_to_id("<|im_end|>"),
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.08)  # spread logits: no near-ties for greedy
-    model.save_pretrained(folder)
+    with torch.device(init_device):
+        model = LlamaForCausalLM(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.08)  # spread logits: no near-ties for greedy
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
     return folder
 
 

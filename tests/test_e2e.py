@@ -60,9 +60,9 @@ def test_greedy_generate_equals_the_engine_alone(stack, llm):
                                          ignore_eos=True)  # fmt: skip
             assert ids == want_ids
             assert text == want_text == ref_tok.decode(ids, skip_special_tokens=True)
-            # Streamed as produced: one message per engine step, i.e. per token (the last
-            # one may carry only the finish reason).
-            assert sum(1 for c in chunks if c.token_ids) == 16
+            # At most one message per engine step (a client or frontend that falls behind
+            # gets the tokens ready for it merged into one message).
+            assert 1 <= sum(1 for c in chunks if c.token_ids) <= 16
             last = chunks[-1]
             assert last.finish_reason == "length"
             assert last.usage.prompt_tokens == len(llm.encode(prompt))

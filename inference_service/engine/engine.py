@@ -54,6 +54,7 @@ class RequestOutput:
     num_cached_prompt_tokens: int = 0
     queue_time_s: float | None = None  # arrival to first scheduling step
     error: str | None = None
+    engine_lost: bool = False  # the engine process died under it (the client may retry)
 
     @property
     def finished(self) -> bool:

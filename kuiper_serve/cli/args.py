@@ -127,8 +127,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                     help="KV cache pool size in blocks")  # fmt: skip
     p.add_argument("--block-size", type=int, default=ENGINE.block_size,
                    help=f"tokens per KV block (default {ENGINE.block_size})")  # fmt: skip
-    p.add_argument("--max-batch-size", type=int, default=ENGINE.max_batch_size,
-                   help=f"running sequences at most (default {ENGINE.max_batch_size})")  # fmt: skip
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="running sequences at most (default: the backend's widest batch, 256 on "
+                   "a GPU, 32 on the CPU, at most the KV pool's block count)")  # fmt: skip
     p.add_argument(
         "--max-waiting",
         type=int,
@@ -163,18 +164,26 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=INFERENCE_GRACE_S,
         help="seconds running streams get to finish after SIGTERM",
     )
+    p.add_argument(
+        "--single-process",
+        action="store_true",
+        help="run the engine as a thread of the gRPC server instead of its own process "
+        "(debugging; slower under load)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The EngineConfig the model and engine flags describe."""
+    """The EngineConfig the model and engine flags describe. Without --max-batch-size it has
+    EngineConfig's default width; the server then takes the backend's (auto_max_batch_size)."""
+    width = args.max_batch_size or ENGINE.max_batch_size
     return EngineConfig(
         model=args.model,
         device=args.device,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_memory_mb=args.kv_memory,
-        max_batch_size=args.max_batch_size,
+        max_batch_size=width,
         # every running sequence must be able to decode in each step
-        max_num_batched_tokens=max(args.max_batched_tokens, args.max_batch_size),
+        max_num_batched_tokens=max(args.max_batched_tokens, width),
         max_waiting=args.max_waiting,
     )

@@ -87,6 +87,8 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
             engine_stall_s=args.engine_stall_timeout,
             grace_s=args.grace,
             max_connection_age_s=args.max_connection_age,
+            single_process=args.single_process,
+            auto_max_batch_size=args.max_batch_size is None,
             security=Security(args.tls_cert, args.tls_key, args.auth_token or None),
             tokenizer_tls=args.tokenizer_tls,
             tokenizer_tls_ca=args.tokenizer_tls_ca,

@@ -283,7 +283,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "serve-inference", "--model", str(model), "--device", args.device, "--host", args.host,
         "--port", str(args.port), "--tokenizer-address", tok_addr,
         "--metrics-port", str(args.metrics_port), "--block-size", str(args.block_size),
-        "--max-batch-size", str(args.max_batch_size), "--max-waiting", str(args.max_waiting),
+        "--max-waiting", str(args.max_waiting),
         "--max-batched-tokens", str(args.max_batched_tokens), "--grace", str(args.grace),
         "--engine-stall-timeout", str(args.engine_stall_timeout),
     ]  # fmt: skip
@@ -296,6 +296,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         tls = ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
         tok_cmd += tls
         inf_cmd += tls + ["--tokenizer-tls-ca", tls_ca]
+    if args.max_batch_size is not None:
+        inf_cmd += ["--max-batch-size", str(args.max_batch_size)]
+    if args.single_process:
+        inf_cmd += ["--single-process"]
     if args.kv_memory is not None:
         inf_cmd += ["--kv-memory", str(args.kv_memory)]
     if args.num_kv_blocks is not None:

@@ -1,0 +1,339 @@
+"""The frontend's handle on the engine-core process: the same face the server and router use
+on an in-process Engine (submit, abort, output and stats listeners, set_stop_ids, generate,
+backend.config / sample_vocab, ...), backed by a child process over one pipe.
+
+A receiver thread reads one message per batch of engine steps and calls the output listeners
+with all of it, as the engine thread does in the single-process server. The frontend keeps
+the waiting-queue bound itself (a request counts as waiting until its first output), so
+`submit` raises QueueFullError synchronously as Engine.submit does.
+
+When the core process dies, every open request ends at once with an `engine_lost` error
+output (the server answers UNAVAILABLE), `on_state(False)` is called (health NOT_SERVING),
+and a new core is started with backoff; `on_state(True)` once it is ready again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from inference_service.engine.engine import (
+    Engine,
+    EngineStoppedError,
+    OutputListener,
+    QueueFullError,
+    RequestOutput,
+    StepStats,
+)
+from inference_service.engine.sequence import FinishReason
+from inference_service.engine_core import protocol as proto
+from inference_service.engine_core.build import EngineSpec
+from inference_service.engine_core.process import core_main
+from inference_service.models.config import ModelConfig
+from inference_service.sampling.params import SamplingParams
+
+log = logging.getLogger("kuiper.engine_client")
+
+START_TIMEOUT_S = 900.0  # loading a model (and compiling kernels) on a cold machine
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class EngineStartError(RuntimeError):
+    """The engine-core process could not load the model or the backend."""
+
+
+@dataclass(frozen=True)
+class _Limits:
+    """Engine settings the server reads (`engine.config.max_batch_size`)."""
+
+    max_batch_size: int
+    max_waiting: int
+
+
+class RemoteBackend:
+    """What the frontend knows of the core's backend; setting sample_vocab forwards it."""
+
+    def __init__(self, client: EngineClient, info: proto.CoreInfo):
+        self._client = client
+        self.config: ModelConfig = info.model_config
+        self.device_name = info.device_name
+        self.block_size = info.block_size
+        self.num_blocks = info.num_blocks
+        self._sample_vocab = info.sample_vocab
+
+    @property
+    def sample_vocab(self) -> int:
+        return self._sample_vocab
+
+    @sample_vocab.setter
+    def sample_vocab(self, n: int) -> None:
+        self._sample_vocab = int(n)
+        self._client._send((proto.SAMPLE_VOCAB, int(n)))
+
+
+class EngineClient:
+    def __init__(self, spec: EngineSpec, on_state: Callable[[bool], None] | None = None):
+        self.spec = spec
+        self.on_state = on_state  # called from the receiver thread: True = serving again
+        self._ctx = multiprocessing.get_context("spawn")  # no fork of a threaded gRPC process
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn = None
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._open: set[int] = set()  # submitted, not finished
+        self._unscheduled: set[int] = set()  # submitted, no output yet (the queue bound)
+        self._listeners: list[OutputListener] = []
+        self._stats_listeners: list[Callable[[StepStats], None]] = []
+        self._stop_ids: tuple[int, ...] | None = None
+        self._receiver: threading.Thread | None = None
+        self._running = False
+        self._stopping = False
+        self.restarts = 0
+        self.info: proto.CoreInfo | None = None
+        self.backend: RemoteBackend | None = None
+        self.config: _Limits | None = None
+        self.last_stats: StepStats | None = None
+        # The core's engine thread's last time round its loop (time.monotonic is one clock
+        # for every process on the machine): the watchdog's view of a wedged core.
+        self.heartbeat = time.monotonic()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the core and wait until it has loaded the model (blocking: call in a worker
+        thread from asyncio). Raises EngineStartError when it cannot."""
+        if self._receiver is not None:
+            return
+        self._spawn()
+        self._receiver = threading.Thread(
+            target=self._receive, name="kuiper-core-recv", daemon=True
+        )
+        self._receiver.start()
+
+    def _spawn(self) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=core_main, args=(child, self.spec), name="kuiper-engine-core", daemon=True
+        )
+        proc.start()
+        child.close()  # only the core holds its end: its death reads as EOF here
+        try:
+            if not parent.poll(START_TIMEOUT_S):
+                raise EngineStartError(f"the engine process did not start in {START_TIMEOUT_S:g}s")
+            msg = proto.loads(parent.recv_bytes())
+        except (EOFError, OSError):
+            proc.join(5.0)
+            raise EngineStartError(
+                f"the engine process exited (code {proc.exitcode}) while loading"
+            ) from None
+        except EngineStartError:
+            proc.kill()
+            raise
+        if msg[0] == proto.FATAL:
+            proc.join(10.0)
+            raise EngineStartError(msg[1])
+        info: proto.CoreInfo = msg[1]
+        self.heartbeat = time.monotonic()
+        old_vocab = self.backend.sample_vocab if self.backend is not None else None
+        self._proc, self._conn, self.info = proc, parent, info
+        self.backend = RemoteBackend(self, info)
+        self.config = _Limits(info.max_batch_size, info.max_waiting)
+        # a restarted core gets what the server told the previous one
+        if self._stop_ids is not None:
+            self._send((proto.STOP_IDS, self._stop_ids))
+        if old_vocab is not None and old_vocab != info.sample_vocab:
+            self.backend.sample_vocab = old_vocab
+        self._running = True
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the core (it cancels what still runs) and wait for it."""
+        self._stopping = True
+        if self._proc is None:
+            return
+        with contextlib.suppress(EngineStoppedError):
+            self._send((proto.STOP,))
+        if self._receiver is not None:
+            self._receiver.join(timeout)
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._running = False
+
+    @property
+    def alive(self) -> bool:
+        return self._running and self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # ---- the Engine's face -----------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def num_blocks(self) -> int:
+        return self.info.num_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.info.capacity_tokens
+
+    @property
+    def num_waiting_requests(self) -> int:
+        with self._lock:
+            return len(self._unscheduled)
+
+    def add_output_listener(self, listener: OutputListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_output_listener(self, listener: OutputListener) -> None:
+        self._listeners.remove(listener)
+
+    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._stats_listeners.append(listener)
+
+    def set_stop_ids(self, stop_ids: Iterable[int]) -> None:
+        self._stop_ids = tuple(sorted(set(stop_ids)))
+        self._send((proto.STOP_IDS, self._stop_ids))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        if not self.alive:
+            raise EngineStoppedError("the engine process is not running (restarting?); retry")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        with self._lock:
+            if len(self._unscheduled) >= self.info.max_waiting:
+                raise QueueFullError(
+                    f"the waiting queue is full ({self.info.max_waiting} requests); retry later"
+                )
+            rid = next(self._ids)
+            self._unscheduled.add(rid)
+            self._open.add(rid)
+        try:
+            self._send((proto.ADD, rid, [int(t) for t in prompt_ids], params))
+        except EngineStoppedError:
+            with self._lock:
+                self._unscheduled.discard(rid)
+                self._open.discard(rid)
+            raise
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        with self._lock:
+            if request_id not in self._open:
+                return
+        with contextlib.suppress(EngineStoppedError):  # a gone core ended it already
+            self._send((proto.ABORT, request_id))
+
+    generate = Engine.generate  # the same blocking helper (warm-up, tests) over this face
+
+    # ---- pipe ------------------------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        data = proto.dumps(message)
+        with self._send_lock:
+            conn = self._conn
+            if conn is None:
+                raise EngineStoppedError("the engine process is not running")
+            try:
+                conn.send_bytes(data)
+            except OSError as exc:
+                raise EngineStoppedError(f"the engine process is gone ({exc})") from None
+
+    def _receive(self) -> None:
+        while True:
+            conn = self._conn
+            try:
+                msg = proto.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                if self._stopping:
+                    self._end_open("the engine stopped", lost=False)
+                    return
+                self._on_core_death()
+                if self._stopping:
+                    return
+                continue
+            if msg[0] == proto.STEP:
+                self._dispatch(proto.decode_step(msg))
+
+    def _dispatch(self, batch: proto.StepBatch) -> None:
+        self.heartbeat = max(self.heartbeat, batch.heartbeat)
+        if batch.outputs:
+            with self._lock:
+                for out in batch.outputs:
+                    self._unscheduled.discard(out.request_id)
+                    if out.finished:
+                        self._open.discard(out.request_id)
+            self._emit(batch.outputs)
+        for stats in batch.stats:
+            self.last_stats = stats
+            for listener in self._stats_listeners:
+                try:
+                    listener(stats)
+                except Exception:
+                    log.exception("stats listener failed")
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(outputs)
+            except Exception:
+                log.exception("output listener failed")
+
+    def _end_open(self, message: str, lost: bool) -> None:
+        with self._lock:
+            ended, self._open = sorted(self._open), set()
+            self._unscheduled.clear()
+        if ended:
+            reason = FinishReason.ERROR if lost else FinishReason.CANCELLED
+            self._emit(
+                [
+                    RequestOutput(r, [], finish_reason=reason, error=message, engine_lost=lost)
+                    for r in ended
+                ]  # fmt: skip
+            )
+
+    def _on_core_death(self) -> None:
+        """Fail every open request, report NOT_SERVING, start a new core (with backoff)."""
+        proc = self._proc
+        with self._send_lock:
+            self._running = False
+            self._conn = None
+        if proc is not None:
+            proc.join(5.0)
+        code = proc.exitcode if proc is not None else None
+        log.error("the engine process exited (code %s); restarting it", code)
+        self._end_open(
+            f"the engine process exited (code {code}) during this request; it is restarting, "
+            "retry the request",
+            lost=True,
+        )
+        self._notify(False)
+        for attempt in itertools.count():
+            if self._stopping:
+                return
+            try:
+                self._spawn()
+                break
+            except EngineStartError as exc:
+                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                log.error("restarting the engine process failed (%s); next try in %gs", exc, delay)
+                time.sleep(delay)
+        self.restarts += 1
+        log.info("engine process restarted (pid %s)", self.pid)
+        self._notify(True)
+
+    def _notify(self, serving: bool) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state(serving)
+            except Exception:
+                log.exception("engine state listener failed")
