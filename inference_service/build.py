@@ -27,7 +27,7 @@ def build_engine(config: EngineConfig, *, one_context_kv: bool = False) -> Built
     from kuiper_serve.common.model_source import resolve_model
 
     path = resolve_model(config.model)
-    model = load_model(path)
+    model = load_model(path, keep_quantized=True)  # CPU: kept quantized; CUDA: bf16 arena
     num_blocks = config.num_kv_blocks
     if one_context_kv and num_blocks is None and config.kv_memory_mb is None:
         context = model.config.max_position_embeddings

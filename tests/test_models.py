@@ -201,7 +201,9 @@ def test_truncated_gguf(llama, tmp_path, keep):
 def test_not_a_model(tmp_path):
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"hello world" * 10)
-    with pytest.raises(ModelLoadError, match="not a GGUF file or an HF model folder"):
+    with pytest.raises(
+        ModelLoadError, match="not a GGUF file, an HF model folder or a KuiperLLama"
+    ):
         load_model(junk)
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(tmp_path)

@@ -1,9 +1,11 @@
 """The CPU reference backend: the reference forward (models/forward.py) over a paged KV pool.
 
-Weights are held as float32 in the fused layout (models/layout.py), because numpy's float16
-matmul has no BLAS path and runs ~50x slower than float32 sgemm: on the CPU, fp32 storage is
-what keeps numpy fast (decode reads every weight once per step, so this costs bandwidth, not
-correctness). All arithmetic is float32, as transformers' fp32 run.
+Weights are held in the fused layout (models/layout.py). Float weights as float32, because
+numpy's float16 matmul has no BLAS path and runs ~50x slower than float32 sgemm. Quantized
+weights (int8 exports, GGUF Q8_0/Q4_0/Q4_1 loaded with keep_quantized=True) stay quantized,
+wrapped so that the reference forward's `x @ w.T` and `embed[ids]` run the compiled kernels of
+backends/cpu_kernels.py: decode reads every weight once per step, so 4-8 bits per weight
+instead of 32 is most of a step's time. All arithmetic is float32, as transformers' fp32 run.
 
 One step runs every item's tokens through each weight in a single matmul (the tokens of all
 sequences are concatenated); only attention loops over items, each reading its own blocks.
@@ -16,17 +18,20 @@ import os
 import numpy as np
 
 from inference_service.backends.base import BatchItem, check_batch_for
+from inference_service.backends.cpu_kernels import QuantMatrix, set_threads
 from inference_service.models.attention import SeqSpan
 from inference_service.models.config import ModelConfig
 from inference_service.models.forward import KVCache, StepInputs, forward
 from inference_service.models.layout import fused_weights
 from inference_service.models.loader import LoadedModel
+from inference_service.models.quantized import concat_rows, is_quantized
 from inference_service.models.rope import rope_inv_freq
 from inference_service.sampling.params import SampleOutput
 from inference_service.sampling.sampler import sample
+from kuiper_serve.common.defaults import CPU_THREADS_ENV
 
 KV_DTYPE = np.float32
-THREADS_ENV = "KUIPER_CPU_THREADS"
+THREADS_ENV = CPU_THREADS_ENV
 
 
 def set_blas_threads(n: int) -> bool:
@@ -66,7 +71,17 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int) -> int:
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return np.ascontiguousarray(a.dequantize() if is_quantized(a) else a, dtype=np.float32)
+
+
+def _quantized_or_none(t, weights) -> QuantMatrix | None:
+    """A fused matrix whose sources are all quantized (of one kind) stays quantized; None
+    lets the layout build it in float32."""
+    parts = [weights[s] for s in t.sources]
+    if not t.is_matrix or not all(is_quantized(p) for p in parts):
+        return None
+    fused = concat_rows(parts)
+    return QuantMatrix(fused) if is_quantized(fused) else None
 
 
 class NumpyBackend:
@@ -82,13 +97,14 @@ class NumpyBackend:
         threads = os.environ.get(THREADS_ENV)
         if threads:
             set_blas_threads(int(threads))
+            set_threads(int(threads))
         c = model.config
         self.config = c
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = c.max_position_embeddings
         self.sample_vocab = c.vocab_size  # see base.Backend
-        self.weights = fused_weights(c, model.weights, _f32)
+        self.weights = fused_weights(c, model.weights, _f32, build=_quantized_or_none)
         self.inv_freq = rope_inv_freq(c)
         self.kv = KVCache.allocate(c, num_blocks, block_size, KV_DTYPE)
 

@@ -46,6 +46,8 @@ class ModelConfig:
 
 
 SUPPORTED_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+INT8_QUANT_METHOD = "kuiper-int8"  # quantization_config.quant_method of `kuiper export`
+FREQ_FACTORS_KEY = "kuiper_rope_freq_factors"  # config.json key for rope_freq_factors
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
 
 
@@ -89,7 +91,7 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
             + ", ".join(sorted(SUPPORTED_HF_MODEL_TYPES))
         )
     quant = d.get("quantization_config")
-    if quant:
+    if quant and not (isinstance(quant, dict) and quant.get("quant_method") == INT8_QUANT_METHOD):
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise ModelLoadError(
             f"unsupported: quantized checkpoint (quant_method={method!r}); use an "
@@ -129,6 +131,9 @@ def config_from_hf(d: Mapping[str, Any]) -> ModelConfig:
             rope_scaling=scaling,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=_ids(d.get("eos_token_id")),
+            rope_freq_factors=(
+                tuple(float(f) for f in d[FREQ_FACTORS_KEY]) if d.get(FREQ_FACTORS_KEY) else None
+            ),
         )
     except KeyError as exc:
         raise ModelLoadError(f"config.json lacks the required key {exc.args[0]!r}") from None

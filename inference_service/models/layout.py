@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -129,11 +130,19 @@ class FusedWeights:
 
 def fused_weights(
     c: ModelConfig,
-    weights: Mapping[str, np.ndarray],
-    convert: Callable[[np.ndarray], np.ndarray],
+    weights: Mapping[str, Any],
+    convert: Callable[[Any], np.ndarray],
+    build: Callable[[FusedTensor, Mapping[str, Any]], Any] | None = None,
 ) -> FusedWeights:
-    """Build every tensor of the layout with `convert` applied to each canonical source."""
-    built = {t.name: fuse(t, weights, convert) for t in model_tensors(c)}
+    """Build every tensor of the layout with `convert` applied to each canonical source.
+    `build(t, weights)`, when given, may return a tensor itself (e.g. a quantized matrix that
+    stays quantized: backends/cpu_kernels.QuantMatrix); None falls back to `convert`."""
+
+    def make(t: FusedTensor) -> Any:
+        own = build(t, weights) if build is not None else None
+        return own if own is not None else fuse(t, weights, convert)
+
+    built = {t.name: make(t) for t in model_tensors(c)}
     layers = [
         LayerWeights(
             attn_norm=built[f"L{i}.attn_norm"],

@@ -17,31 +17,48 @@ from inference_service.models.config import (
     config_from_gguf,
     config_from_hf,
 )
+from inference_service.models.quantized import (
+    GGUF_KEPT_TYPES,
+    QuantizedWeight,
+    from_gguf_blocks,
+    int8_weight,
+)
 from inference_service.models.safetensors_io import bf16_to_f32, read_safetensors
 from inference_service.models.weights import check_weights, expected_shapes
 from kuiper_serve.common.gguf import GGUFError, GGUFTensor, read_gguf
+
+Weight = np.ndarray | QuantizedWeight
+SCALE_SUFFIX = "_scale"  # int8 export: `X.weight` (I8) + `X.weight_scale` (F16, per group)
 
 
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: Mapping[str, np.ndarray]  # canonical HF names; float32 or float16; [out, in]
+    weights: Mapping[str, Weight]  # canonical HF names; [out, in]; see models/__init__.py
     source: str  # the path it came from
-    dtype: str  # the source's main weight type, e.g. "float32", "bfloat16", "Q4_1"
+    dtype: str  # the source's main weight type, e.g. "float32", "bfloat16", "Q4_1", "int8"
 
 
-def load_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """Load a model; every failure is a ModelLoadError whose message names the problem."""
+def load_model(path: str | os.PathLike[str], keep_quantized: bool = False) -> LoadedModel:
+    """Load a model; every failure is a ModelLoadError whose message names the problem.
+
+    keep_quantized: int8 (our export, the ancestor's int8 files) and GGUF Q8_0/Q4_0/Q4_1
+    matrices stay quantized (models.quantized.Int8Weight / Q4Weight) instead of being expanded
+    to float32; for backends that run quantized weights (the CPU backend)."""
+    from inference_service.models.ancestor import is_ancestor_file, load_ancestor
+
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelLoadError(f"model not found: {p} (give a GGUF file or an HF model folder)")
     if p.is_dir():
-        return load_hf_folder(p)
+        return load_hf_folder(p, keep_quantized)
     if p.suffix == ".gguf" or _is_gguf(p):
-        return load_gguf(p)
+        return load_gguf(p, keep_quantized)
     if p.name == "config.json":
-        return load_hf_folder(p.parent)
-    raise ModelLoadError(f"{p}: not a GGUF file or an HF model folder")
+        return load_hf_folder(p.parent, keep_quantized)
+    if is_ancestor_file(p):
+        return load_ancestor(p, keep_quantized=keep_quantized)
+    raise ModelLoadError(f"{p}: not a GGUF file, an HF model folder or a KuiperLLama .bin export")
 
 
 def _is_gguf(p: Path) -> bool:
@@ -54,7 +71,7 @@ def _is_gguf(p: Path) -> bool:
 _HF_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def load_hf_folder(folder: Path) -> LoadedModel:
+def load_hf_folder(folder: Path, keep_quantized: bool = False) -> LoadedModel:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise ModelLoadError(f"{folder}: no config.json (not an HF model folder)")
@@ -75,22 +92,35 @@ def load_hf_folder(folder: Path) -> LoadedModel:
         raise ModelLoadError(f"{folder}: no .safetensors files (only safetensors are supported)")
 
     wanted = expected_shapes(config)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, Weight] = {}
     dtypes: Counter[str] = Counter()
+    tensors: dict[str, np.ndarray] = {}
+    tdtypes: dict[str, str] = {}
     for name in files:
         f = folder / name
         if not f.is_file():
             raise ModelLoadError(f"{folder}: the index names {name}, which is missing")
-        tensors, tdtypes = read_safetensors(f)
-        for tname, arr in tensors.items():
-            if tname in wanted:
-                if arr.dtype.kind != "f":
-                    raise ModelLoadError(
-                        f"{f}: tensor {tname!r} is {tdtypes[tname]}; only float weights "
-                        "(F32/F16/BF16) are supported in safetensors folders"
-                    )
-                weights[tname] = _float_weights(arr)
-                dtypes[tdtypes[tname]] += arr.size
+        file_tensors, file_dtypes = read_safetensors(f)
+        tensors.update(file_tensors)
+        tdtypes.update(file_dtypes)
+    for tname, arr in tensors.items():
+        if tname not in wanted:
+            continue
+        if arr.dtype == np.int8 and tname + SCALE_SUFFIX in tensors:
+            try:
+                w = int8_weight(arr, tensors[tname + SCALE_SUFFIX])
+            except ValueError as exc:
+                raise ModelLoadError(f"{folder}: tensor {tname!r}: {exc}") from None
+            weights[tname] = w if keep_quantized else w.dequantize()
+            dtypes["int8"] += arr.size
+            continue
+        if arr.dtype.kind != "f":
+            raise ModelLoadError(
+                f"{folder}: tensor {tname!r} is {tdtypes[tname]}; only float weights "
+                "(F32/F16/BF16) and int8 with a per-group `_scale` tensor are supported"
+            )
+        weights[tname] = _float_weights(arr)
+        dtypes[tdtypes[tname]] += arr.size
     check_weights(config, weights, str(folder))
     main = dtypes.most_common(1)[0][0]
     return LoadedModel(config, weights, str(folder), _HF_DTYPE_NAMES.get(main, main.lower()))
@@ -147,13 +177,13 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, per_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path) -> LoadedModel:
+def load_gguf(path: Path, keep_quantized: bool = False) -> LoadedModel:
     try:
         gf = read_gguf(path)
     except GGUFError as exc:
         raise ModelLoadError(str(exc)) from None
     config = config_from_gguf(gf.metadata, has_output="output.weight" in gf.tensors)
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, Weight] = {}
     types: Counter[str] = Counter()
     for name, t in gf.tensors.items():
         if name == "rope_freqs.weight":
@@ -163,12 +193,19 @@ def load_gguf(path: Path) -> LoadedModel:
         hf = canonical_gguf_name(name)
         if hf is None:
             continue
-        arr = _dequantize(t, path)
+        heads = None
         if config.architecture == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = unpermute_qk(arr, config.num_heads)
+            heads = config.num_heads
         elif config.architecture == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
-            arr = unpermute_qk(arr, config.num_kv_heads)
-        weights[hf] = arr
+            heads = config.num_kv_heads
+        if keep_quantized and len(t.shape) == 2 and _type_name(t.qtype) in GGUF_KEPT_TYPES:
+            qw = from_gguf_blocks(t.data, _type_name(t.qtype), t.shape)
+            if heads is not None:  # blocks run along rows, so the permutation moves whole rows
+                qw = qw.take_rows(unpermute_qk(np.arange(t.shape[0]), heads))
+            weights[hf] = qw
+        else:
+            arr = _dequantize(t, path)
+            weights[hf] = unpermute_qk(arr, heads) if heads is not None else arr
         types[_type_name(t.qtype)] += int(np.prod(t.shape))
     check_weights(config, weights, str(path))
     main = types.most_common(1)[0][0] if types else "unknown"

@@ -9,7 +9,12 @@ import sys
 
 from inference_service.config import EngineConfig
 from inference_service.sampling.params import DEFAULT_MAX_NEW_TOKENS
-from kuiper_serve.common.defaults import AUTH_TOKEN_ENV, INFERENCE_ADDRESS, INFERENCE_GRACE_S
+from kuiper_serve.common.defaults import (
+    AUTH_TOKEN_ENV,
+    CPU_THREADS_ENV,
+    INFERENCE_ADDRESS,
+    INFERENCE_GRACE_S,
+)
 
 ENGINE = EngineConfig()  # the model and engine flags' defaults
 
@@ -112,6 +117,23 @@ def add_model_flags(
                    help="GGUF file, HF folder or Hugging Face id org/name[@rev] (default: SmolLM2-135M)")  # fmt: skip
     p.add_argument("--device", default=ENGINE.device, choices=["auto", "cpu", "cuda"],
                    help=device_help)  # fmt: skip
+    add_threads_flag(p)
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"CPU backend: threads for the matmuls (quantized kernels and BLAS; "
+                   f"default: all cores; env {CPU_THREADS_ENV})")  # fmt: skip
+
+
+def apply_threads_flag(args: argparse.Namespace) -> None:
+    """--threads reaches the CPU backend (in this process and the servers `up` starts)
+    through the environment, where NumpyBackend reads it."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"kuiper: --threads must be >= 1, got {threads}")
+        os.environ[CPU_THREADS_ENV] = str(threads)
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from kuiper_serve.cli.args import (
     add_inference_address,
     add_model_flags,
     add_sampling_flags,
+    apply_threads_flag,
     read_prompt,
     sampling_kwargs,
 )
@@ -84,7 +85,8 @@ def unused_flags(args: argparse.Namespace) -> list[str]:
         given = [("--address", args.address != INFERENCE_ADDRESS), ("--timeout", args.timeout is not None),
                  ("--tls", args.tls), ("--tls-ca", args.tls_ca is not None)]  # fmt: skip
     else:
-        given = [("--model", args.model is not None), ("--device", args.device != "auto")]
+        given = [("--model", args.model is not None), ("--device", args.device != "auto"),
+                 ("--threads", args.threads is not None)]  # fmt: skip
     return [flag for flag, set_ in given if set_]
 
 
@@ -97,6 +99,7 @@ def generate_local(args: argparse.Namespace) -> int:
         params.validate()
     except ValueError as exc:
         return _fail(f"bad parameter: {exc}", 2)
+    apply_threads_flag(args)
     try:
         llm = LLM(args.model, device=args.device)
     except (ModelLoadError, FileNotFoundError, RuntimeError, ImportError) as exc:

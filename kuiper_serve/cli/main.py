@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "kuiper_serve.cli.up",  # up: both services on one machine
     "kuiper_serve.cli.chat",  # chat
     "kuiper_serve.cli.bench.command",  # bench: load generator
+    "kuiper_serve.cli.export",  # export (int8 / bf16 folders)
 )
 
 

@@ -12,6 +12,7 @@ from kuiper_serve.cli.args import (
     add_engine_flags,
     add_model_flags,
     add_security_arguments,
+    apply_threads_flag,
     engine_config,
 )
 from kuiper_serve.common.defaults import (
@@ -76,6 +77,7 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
     from kuiper_serve.common.auth import Security
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    apply_threads_flag(args)
     try:
         cfg = ServerConfig(
             engine=engine_config(args),

@@ -13,7 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kuiper_serve.cli.args import add_engine_flags, add_model_flags, add_security_arguments
+from kuiper_serve.cli.args import (
+    add_engine_flags,
+    add_model_flags,
+    add_security_arguments,
+    apply_threads_flag,
+)
 from kuiper_serve.cli.remote import summary_line
 from kuiper_serve.common.defaults import (
     AUTH_TOKEN_ENV,
@@ -248,6 +253,7 @@ def _supervise(
 def cmd_up(args: argparse.Namespace) -> int:
     from kuiper_serve.common.model_source import kuiper_home, resolve_model
 
+    apply_threads_flag(args)  # the inference server inherits the environment
     ports = [("--port", args.port), ("--tokenizer-port", args.tokenizer_port)]
     if args.metrics_port > 0:
         ports += [

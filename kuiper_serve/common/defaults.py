@@ -19,3 +19,4 @@ INFERENCE_GRACE_S = 30.0  # running streams may take a while to finish after SIG
 TOKENIZER_GRACE_S = 10.0
 AUTH_TOKEN_ENV = "KUIPER_AUTH_TOKEN"
 TOKENIZER_ADDRESS_ENV = "KUIPER_TOKENIZER_ADDRESS"
+CPU_THREADS_ENV = "KUIPER_CPU_THREADS"  # CPU backend threads (`--threads`)

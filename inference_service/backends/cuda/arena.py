@@ -14,6 +14,7 @@ import numpy as np
 
 from inference_service.models.config import ModelConfig
 from inference_service.models.layout import fuse, model_tensors
+from inference_service.models.quantized import is_quantized
 
 ALIGN = 256  # bytes: every tensor starts 256-aligned (128-bit loads, cp.async)
 _CHUNK = 1 << 22  # elements converted at a time (bounds the temporaries of big tensors)
@@ -58,13 +59,19 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def plan_arena(c: ModelConfig, w: Mapping[str, np.ndarray]) -> tuple[list[ArenaEntry], int]:
+def _bf16_of(a: object) -> np.ndarray:
+    """bf16 bits of a host weight; quantized ones (models/quantized.py) are dequantized first:
+    the arena holds bf16 whatever the source."""
+    return to_bf16_bits(a.dequantize() if is_quantized(a) else a)
+
+
+def plan_arena(c: ModelConfig, w: Mapping[str, object]) -> tuple[list[ArenaEntry], int]:
     """Entries (in upload order) and total bytes of the weight arena: the tensors of the fused
     layout (models/layout.py), matrices as bf16, norms and biases as fp32."""
     entries: list[ArenaEntry] = []
     off = 0
     for t in model_tensors(c):
-        convert, itemsize = (to_bf16_bits, 2) if t.is_matrix else (_f32, 4)
+        convert, itemsize = (_bf16_of, 2) if t.is_matrix else (_f32, 4)
         nbytes = itemsize * math.prod(t.shape)
         entries.append(ArenaEntry(t.name, off, nbytes, partial(fuse, t, w, convert)))
         off += -(-nbytes // ALIGN) * ALIGN
