@@ -72,6 +72,7 @@ def test_kernel_names_the_backend_launches_exist(built):
         plan.decode_attention_kernel(d, u) for d in plan.ATT_HEAD_DIMS for u in plan.DEC_UNROLLS
     ]
     names += [f"gemv_qkv_rope_t{t}" for t in range(1, 9)]
+    names += [f"gemv_i8_t{t}" for t in (1, 2, 4, 8)]  # int8 weight-only decode GEMV
     names += [plan.prefill_attention_kernel(d, kg) for d in (64, 128) for kg in (2, 4)]
     names += ["sample_rows", "argmax_finish", "spin_wait"]
     for n in [n for n in names if n is not None]:

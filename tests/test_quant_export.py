@@ -331,7 +331,7 @@ def test_ancestor_file_of_the_wrong_size_is_refused(tmp_path):
 def test_cuda_weight_arena_takes_quantized_weights(tiny, tmp_path):
     """The CUDA backend fills its bf16 arena from an int8 model's dequantized values (host
     side only: the arena plan and the bytes each entry uploads)."""
-    from inference_service.backends.cuda_weights import plan_arena
+    from inference_service.backends.cuda.arena import plan_arena
 
     _, folder, _ = tiny
     export_model(folder, tmp_path / "q", "int8", 64, progress=False)

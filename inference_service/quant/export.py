@@ -108,7 +108,7 @@ def hf_config(c: ModelConfig, quant: str, group_size: int | None) -> dict[str, A
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    from inference_service.backends.cuda_weights import to_bf16_bits
+    from inference_service.backends.cuda.arena import to_bf16_bits
 
     return to_bf16_bits(np.asarray(a, dtype=np.float32))
 
