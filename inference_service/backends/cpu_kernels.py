@@ -99,6 +99,19 @@ def embedding_rows(w: np.ndarray | Int8Weight | Q4Weight, ids: np.ndarray) -> np
     return w.take_rows(np.asarray(ids)).dequantize()
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel now, on tiny inputs, so the first
+    request does not wait for it."""
+    from inference_service.models.quantized import from_gguf_blocks
+
+    x = np.ones((1, 32), np.float32)
+    i8 = Int8Weight(np.ones((2, 32), np.int8), np.ones((2, 1), np.float32), 32)
+    q4 = from_gguf_blocks(np.zeros((2, 20), np.uint8), "Q4_1", (2, 32))
+    for w in (i8, q4):
+        matvec(x, w)
+        dequantize_rows(w, 0, np.empty((1, 32), np.float32))
+
+
 class QuantMatrix:
     """A quantized [out, in] matrix the reference forward (models/forward.py) uses as it uses
     a float32 array: `x @ m.T` runs `linear`, `m[ids]` dequantizes those rows.

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from inference_service.backends.base import BatchItem, check_batch_for
-from inference_service.backends.cpu_kernels import QuantMatrix, set_threads
+from inference_service.backends.cpu_kernels import QuantMatrix, set_threads, warm_up
 from inference_service.models.attention import SeqSpan
 from inference_service.models.config import ModelConfig
 from inference_service.models.forward import KVCache, StepInputs, forward
@@ -105,6 +105,8 @@ class NumpyBackend:
         self.max_model_len = c.max_position_embeddings
         self.sample_vocab = c.vocab_size  # see base.Backend
         self.weights = fused_weights(c, model.weights, _f32, build=_quantized_or_none)
+        if any(is_quantized(w) for w in model.weights.values()):
+            warm_up()  # compile the kernels now, not during the first request
         self.inv_freq = rope_inv_freq(c)
         self.kv = KVCache.allocate(c, num_blocks, block_size, KV_DTYPE)
 
