@@ -3,7 +3,8 @@ interpreter, event loop and gRPC channel), each running its share of the concurr
 reporting every call's timings to the parent in batches.
 
 Pacing (--rps) is global: the call numbered k (over all workers) starts no earlier than
-k / rps seconds after the common start. A run ends after `total` calls, or at the `duration`
+k / rps seconds after the common start, and every call due before the duration's deadline is
+made, late or not. A run ends after `total` calls, or at the `duration`
 deadline (calls in progress then finish and count), or on Ctrl-C."""
 
 from __future__ import annotations
@@ -163,12 +164,14 @@ async def _worker_main(plan: Plan, wid: int, n: int, c: int, out, go, start_at, 
             next_k += 1
             number = k * workers + wid  # unique over all workers
             if plan.rps > 0:
-                wait = t0 + number / plan.rps - time.monotonic()
-                if deadline is not None and t0 + number / plan.rps >= deadline:
+                # A paced call due before the deadline belongs to the run even when a busy
+                # machine starts it late: --rps R -z D makes exactly R * D calls.
+                due = t0 + number / plan.rps
+                if deadline is not None and due >= deadline:
                     return
-                if wait > 0:
+                if (wait := due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
-            if deadline is not None and time.monotonic() >= deadline:
+            elif deadline is not None and time.monotonic() >= deadline:
                 return
             buffer.append(await caller(data.messages(number, wid), t0))
 
