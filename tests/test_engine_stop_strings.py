@@ -1,4 +1,4 @@
-"""Stop strings across delta boundaries, checked against a plain search on the joined text."""
+"""Stop strings across delta boundaries, checked against a plain search on the text streamed so far."""
 
 from __future__ import annotations
 
@@ -21,9 +21,16 @@ def run(deltas, stops):
 
 
 def oracle(deltas, stops):
-    full = "".join(deltas)
-    hits = [full.find(s) for s in stops if s and s in full]
-    return (full[: min(hits)], True) if hits else (full, False)
+    """A plain search on the text streamed so far, after each delta: generation stops at the
+    first delta that completes a stop string (a longer stop that began earlier but would only
+    complete later does not count — the stream has ended by then)."""
+    text = ""
+    for d in deltas:
+        text += d
+        hits = [text.find(s) for s in stops if s and s in text]
+        if hits:
+            return text[: min(hits)], True
+    return text, False
 
 
 def test_stop_split_over_deltas_is_never_leaked():
