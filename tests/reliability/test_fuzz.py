@@ -94,9 +94,9 @@ def stubs(secured_stack):
     yield igrpc.InferenceServiceStub(inf), tgrpc.TokenizerServiceStub(tok), inf, tok
     wait_until(lambda: secured_stack.metrics().get("kuiper_inference_kv_blocks_used") == 0, 30,
                "KV blocks back to 0 after fuzzing")  # fmt: skip
-    # Both still answer a plain request.
+    # Both still answer a plain request (ignore_eos: a sampled EOS would end it early).
     msgs = list(igrpc.InferenceServiceStub(inf).Generate(ipb.GenerateRequest(
-        text="still here", sampling=ipb.SamplingParams(max_new_tokens=2)), metadata=AUTH,
+        text="still here", sampling=ipb.SamplingParams(max_new_tokens=2, ignore_eos=True)), metadata=AUTH,
         timeout=30))  # fmt: skip
     assert sum(len(m.token_ids) for m in msgs) == 2
     inf.close()
