@@ -23,6 +23,13 @@ def _skip_reason() -> str | None:
     return None
 
 
+def failures(tap: str, context: int = 40) -> str:
+    """The TAP lines of every failed subtest (the whole output is too long to show)."""
+    lines = tap.splitlines()
+    picked = ["\n".join(lines[i : i + context]) for i, line in enumerate(lines) if "not ok" in line]
+    return "\n...\n".join(picked) or tap[-6000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
@@ -37,7 +44,7 @@ def test_node_client_suite() -> None:
         timeout=230,
     )
     out = proc.stdout
-    assert proc.returncode == 0, f"npm test failed:\n{out[-6000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"npm test failed:\n{failures(out)}\n{proc.stderr[-3000:]}"
     # node --test writes TAP when stdout is not a terminal.
     counts = {
         k: int(v) for k, v in re.findall(r"^# (pass|fail|cancelled|skipped) (\d+)$", out, re.M)
