@@ -55,4 +55,4 @@ def test_kuiper_up_cuda_demo(tiny_model, subprocess_env):  # noqa: F811
            "--exit-after-demo"]  # fmt: skip
     result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "16 tokens" in result.stdout, result.stdout
+    assert "+ 16 generated tokens" in result.stdout, result.stdout  # the summary line
