@@ -3,7 +3,8 @@ streams continue, with exactly the tokens and text of an undisturbed run), rando
 cancellations and deadlines (each ends with its own status, nothing leaks).
 
 Oracle: `inference_service.llm.LLM` in process (no gRPC, its own tokenizer), greedy.
-The engine-process crash fault needs the engine core in its own process (issue 11): skipped.
+The engine-process crash (SIGKILL mid-stream: UNAVAILABLE, NOT_SERVING, restart, same ids after)
+is tested in tests/test_engine_process.py::test_engine_process_death_mid_stream.
 """
 
 from __future__ import annotations
@@ -147,12 +148,6 @@ def test_random_cancellations_and_deadlines(stack, request):
     wait_until(counted, 20, "the server to count every cancellation and deadline")
     wait_until(lambda: stack.metrics().get("kuiper_inference_kv_blocks_used") == 0, 20,
                "KV blocks back to 0")  # fmt: skip
-
-
-@pytest.mark.skip(reason="needs the engine core in its own process (issue 11, not done yet): "
-                  "there is no engine process to crash while the gRPC frontend stays up")  # fmt: skip
-def test_engine_process_crash():
-    raise AssertionError("unreachable")
 
 
 def test_sigterm_drain_under_load(tiny_model):  # noqa: F811
