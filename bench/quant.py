@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -70,9 +71,10 @@ def held_bytes(backend) -> int:
     """Bytes of the weights a NumpyBackend holds (quantized or float32 arrays)."""
     total = 0
     seen: set[int] = set()
-    tensors = [backend.embed, backend.lm_head, backend.final_norm]
-    for layer in backend.layers:
-        tensors += [getattr(layer, s) for s in layer.__slots__]
+    w = backend.weights  # models.layout.FusedWeights
+    tensors = [w.embed, w.lm_head, w.final_norm]
+    for layer in w.layers:
+        tensors += [getattr(layer, f.name) for f in dataclasses.fields(layer)]
     for t in tensors:
         if t is None or id(t) in seen:
             continue
@@ -148,13 +150,14 @@ def kernels(path: Path, repeats: int) -> None:
     from inference_service.models import load_model
 
     backend = NumpyBackend(load_model(path, keep_quantized=True), 4, 16)
-    layer = backend.layers[0]
+    weights = backend.weights
+    layer = weights.layers[0]
     print("\n## kernel choice: one decode matmul, microseconds (best of "
           f"{repeats}; the fp32 matrix is cache-resident here, unlike in a real step)")  # fmt: skip
     print(f"{'matrix':26}{'numba':>9}{'numpy dequant+sgemm':>21}{'fp32 sgemm':>12}")
     for name, w in (("gate|up " + str(layer.wgu.shape), layer.wgu),
                     ("down " + str(layer.wd.shape), layer.wd),
-                    ("lm_head " + str(backend.lm_head.shape), backend.lm_head)):  # fmt: skip
+                    ("lm_head " + str(weights.lm_head.shape), weights.lm_head)):  # fmt: skip
         x = np.random.default_rng(1).standard_normal((1, w.shape[1])).astype(np.float32)
         f32 = w.dequantize()
         a = best_of(lambda w=w, x=x: matvec(x, w), repeats)

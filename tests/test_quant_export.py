@@ -363,3 +363,23 @@ def test_kuiper_export_of_the_default_gguf_ships_its_tokenizer(smollm2_gguf, tmp
     )
     model = load_model(out, keep_quantized=True)
     assert model.config.vocab_size == 49152 and model.dtype == "int8"
+
+
+def test_quant_bench_counts_the_weights_the_backend_holds(tiny, tmp_path):
+    """bench/quant.py's held_bytes: the float32 backend holds 4 bytes per parameter of the
+    transformers model (tied embeddings once), and an int8 export's quantized backend holds
+    int8 values plus per-group scales (between 1/4 and 35 % of that)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "quant.py"
+    spec = importlib.util.spec_from_file_location("bench_quant", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    _, folder, hf = tiny
+    fp32 = bench.held_bytes(NumpyBackend(load_model(folder), num_blocks=4, block_size=4))
+    assert fp32 == 4 * hf.num_parameters()
+    export_model(folder, tmp_path / "q", "int8", 64, progress=False)
+    quant = NumpyBackend(load_model(tmp_path / "q", keep_quantized=True), 4, 4)
+    assert fp32 / 4 < bench.held_bytes(quant) <= 0.35 * fp32

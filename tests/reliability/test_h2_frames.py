@@ -28,7 +28,9 @@ tiny_model = reliability_util.tiny_model
 GENERATE = "/kuiper.v1.InferenceService/Generate"
 ENCODE = "/kuiper.v1.TokenizerService/Encode"
 # ignore_eos: a sampled EOS (temperature 1 on a random model) would end it at 1 token.
-VALID = ipb.GenerateRequest(text="hi", sampling=ipb.SamplingParams(max_new_tokens=2, ignore_eos=True))
+VALID = ipb.GenerateRequest(
+    text="hi", sampling=ipb.SamplingParams(max_new_tokens=2, ignore_eos=True)
+)
 
 
 def grpc_frame(payload: bytes, compressed: bool = False, length: int | None = None) -> bytes:
