@@ -31,16 +31,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
 
-    import pycuda.driver as cuda
+    from gpu_context import primary_context
 
     from cuda_kernels import load_kernels
     from inference_service.backends.cuda.graphs import capture
 
-    cuda.init()
-    dev = cuda.Device(0)
-    ctx = dev.retain_primary_context()
-    ctx.push()
-    try:
+    with primary_context() as (cuda, dev):
         kernels = load_kernels()
         hid, inter, layers, heads, kvh, hd, vocab = SHAPES[args.shape]
         mats = [((heads + 2 * kvh) * hd, hid), (hid, heads * hd), (2 * inter, hid), (hid, inter)]
@@ -102,8 +98,6 @@ def main() -> None:
             print(f"  {name}: {ms * 1e3:8.1f} us/step  {nbytes / 2**20:8.1f} MiB  "
                   f"{nbytes / (ms * 1e-3) / 1e12:5.2f} TB/s")  # fmt: skip
         print(f"  int8 speed-up over bf16: {best['bf16'] / best['int8']:.2f}x")
-    finally:
-        ctx.pop()
 
 
 if __name__ == "__main__":

@@ -23,17 +23,13 @@ def main() -> None:
     ap.add_argument("--launches", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    import pycuda.driver as cuda
     from cuda.bindings import driver
+    from gpu_context import primary_context
 
     from cuda_kernels import load_kernels
     from inference_service.backends.cuda.kernels import GEMV_SIG
 
-    cuda.init()
-    dev = cuda.Device(0)
-    ctx = dev.retain_primary_context()
-    ctx.push()
-    try:
+    with primary_context() as (cuda, dev):
         kernels = load_kernels()
         ours = kernels.kernel("gemv_t1", GEMV_SIG)
         spin = kernels.kernel("spin_wait", "q")
@@ -83,9 +79,6 @@ def main() -> None:
         ratio = res["pycuda_launch"] / res["ours_launch"]
         print(f"  PyCUDA / cuda_kernels.Kernel: {ratio:.2f}x "
               f"(PDL launch: {res['pycuda_launch'] / res['ours_pdl']:.2f}x)")  # fmt: skip
-    finally:
-        cuda.Context.synchronize()
-        ctx.pop()
 
 
 if __name__ == "__main__":

@@ -53,15 +53,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200)
     args = ap.parse_args()
 
-    import pycuda.driver as cuda
+    from gpu_context import primary_context
 
     from cuda_kernels import load_kernels
 
-    cuda.init()
-    dev = cuda.Device(0)
-    ctx = dev.retain_primary_context()
-    ctx.push()
-    try:
+    with primary_context() as (cuda, dev):
         kernels = load_kernels()
         sm = dev.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT)
         spin = kernels.kernel("spin_wait", "q")
@@ -110,9 +106,6 @@ def main() -> None:
             cols = " ".join(f"{t_new.get(g, float('nan')):8.1f}" for g in (2, 4))
             print(f"{name:<14} {f'{H}/{KVH}/{D}':>9} {t_old:8.1f} {cols} {f'k{kg}':>7} "
                   f"{t_old / t_new[kg]:7.1f}x {flops / t_new[kg] / 1e6:8.1f}")  # fmt: skip
-    finally:
-        cuda.Context.synchronize()
-        ctx.pop()
 
 
 if __name__ == "__main__":
