@@ -47,6 +47,22 @@ def fast_greedy(p: SamplingParams) -> bool:
     return p.greedy and p.repetition_penalty == 1.0 and p.logprobs is None
 
 
+def step_rows(batch: list[BatchItem], graph_buckets: tuple[int, ...],
+              max_batch: int) -> tuple[list[int], int | None]:  # fmt: skip
+    """The items that sample, and the graph bucket a step replays: decode-only steps (every
+    item one token and sampling) within the buckets; None: eager (or graphs are off: pass ())."""
+    rows = [i for i, it in enumerate(batch) if it.sampling is not None]
+    is_decode = len(rows) == len(batch) and all(len(it.token_ids) == 1 for it in batch)
+    bucket = bucket_for(len(batch), graph_buckets) if is_decode else None
+    return rows, bucket if bucket is not None and bucket <= max_batch else None
+
+
+def argmax_ids(keys: np.ndarray) -> np.ndarray:
+    """Token ids from the fused argmax's uint64 keys (low word: 0xFFFFFFFF - id, so that the
+    lowest id wins a tie under atomicMax)."""
+    return (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
+
+
 class CudaBackend:
     """Same interface as NumpyBackend (see base.Backend)."""
 
@@ -168,10 +184,9 @@ class CudaBackend:
         self._device.enter()
         self._apply_sample_vocab()
         self._check(batch)
-        rows = [i for i, it in enumerate(batch) if it.sampling is not None]
-        is_decode = len(rows) == len(batch) and all(len(it.token_ids) == 1 for it in batch)
-        bucket = bucket_for(len(batch), self.graph_buckets) if is_decode else None
-        if self.use_graphs and bucket is not None and bucket <= self.max_batch:
+        rows, bucket = step_rows(batch, self.graph_buckets if self.use_graphs else (),
+                                 self.max_batch)  # fmt: skip
+        if bucket is not None:
             self._runner.run_graph(batch, bucket)
         else:
             self._runner.run_eager(batch, rows)
@@ -190,7 +205,7 @@ class CudaBackend:
         keys = self._argmax_host[: len(rows)]
         cuda.memcpy_dtoh_async(keys, self._buf.argmax, self.stream)
         self.stream.synchronize()
-        ids = (np.uint64(0xFFFFFFFF) - (keys & np.uint64(0xFFFFFFFF))).astype(np.int64)
+        ids = argmax_ids(keys)
         sampled = dict(zip(dev_rows, sampler.finish(), strict=True)) if sampler is not None else {}
         for r, i in enumerate(rows):
             p = params[r]

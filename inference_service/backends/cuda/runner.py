@@ -76,6 +76,24 @@ def pack_inputs(h: np.ndarray, batch: list[BatchItem], rows: list[int], layout: 
         h[layout.prefill_tiles : layout.total] = np.asarray(tiles, np.int32).ravel()
 
 
+def eager_input_layout(batch: list[BatchItem], n_rows: int, max_width: int,
+                       n_tiles: int = 0) -> InputLayout:  # fmt: skip
+    """The layout of an eager step: every token, one row per sampling item, block tables as
+    wide as the longest (at most max_width)."""
+    T = sum(len(it.token_ids) for it in batch)
+    width = min(max(1, max(len(it.block_table) for it in batch)), max_width)
+    return InputLayout(T, len(batch), n_rows, width, n_tiles)
+
+
+def graph_input_layout(batch: list[BatchItem], bucket: int, block_size: int,
+                       max_width: int) -> InputLayout:  # fmt: skip
+    """The layout of a decode step replayed as the graph of `bucket` rows: its block-table
+    width is the bucket (width_bucket) of the longest context."""
+    need = max(ceil_div(it.start_pos + 1, block_size) for it in batch)
+    width = width_bucket(need, max_width)
+    return InputLayout(bucket, bucket, bucket, width)
+
+
 class StepRunner:
     """The step-level state of a backend: workspace, captured graphs, max block-table width."""
 
@@ -134,10 +152,8 @@ class StepRunner:
         T = sum(len(it.token_ids) for it in batch)
         if self.ws.tokens < T:
             self.alloc_workspace(max(T, 2 * self.ws.tokens))
-        width = max(1, max(len(it.block_table) for it in batch))
-        width = min(width, self.max_width)
         tiles = self.prefill_tiles(batch, T)
-        layout = InputLayout(T, len(batch), len(rows), width, len(tiles))
+        layout = eager_input_layout(batch, len(rows), self.max_width, len(tiles))
         self.fill_inputs(batch, rows, layout, pad_to=len(batch), tiles=tiles)
         return layout, max(it.start_pos + len(it.token_ids) for it in batch)
 
@@ -147,12 +163,11 @@ class StepRunner:
 
     def run_graph(self, batch: list[BatchItem], bucket: int) -> CudaGraph:
         """Replay (capturing first if new) the decode graph of this bucket and table width."""
-        need = max(ceil_div(it.start_pos + 1, self.block_size) for it in batch)
-        width = width_bucket(need, self.max_width)
+        layout = graph_input_layout(batch, bucket, self.block_size, self.max_width)
         if bucket > self.ws.tokens:
             self.alloc_workspace(bucket)
-        layout = InputLayout(bucket, bucket, bucket, width)
         self.fill_inputs(batch, list(range(len(batch))), layout, pad_to=bucket)
+        width = layout.width
         key = (bucket, width)
         graph = self.graphs.get(key)
         if graph is None:
