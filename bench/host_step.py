@@ -20,7 +20,8 @@ prompts are prefilled, then `--steps` decode steps of all N are timed and split 
 The peer is the roofline of the same step on an H200: weight bytes + the KV bytes the step
 reads (every stream's context, K and V, bf16), at the 4.18 TB/s device copy bandwidth measured
 on the H200 (bench/README.md). "host / roofline" is how many roofline steps the host work of a
-step would fill. Greedy rows and a sampled mix (temperature / top-k / top-p / min-p, seeded,
+step would fill. Figures are medians over the timed steps (phases: each phase's median, so
+they need not add up to the step's). Greedy rows and a sampled mix (temperature / top-k / top-p / min-p, seeded,
 every fourth row with a repetition penalty) are timed separately.
 """
 
@@ -224,30 +225,31 @@ def measure(key: str, n: int, mode: str, steps: int) -> dict:
     while any(s.num_uncomputed_tokens > 1 or not s.output_ids for s in engine._seqs.values()):
         engine._step()
     times = backend.times
-    times.clear()
     sched = engine.scheduler
     sched.schedule = timed(times, "schedule", sched.schedule)
     sched.update = timed(times, "update", sched.update)
     engine._batch = timed(times, "batch", engine._batch)
     engine._publish_stats = timed(times, "stats", engine._publish_stats)
-    roof = []
-    walls = []
+    roof, walls, per_step = [], [], {p: [] for p in PHASES}
     for _ in range(steps):
         contexts = [s.num_tokens for s in sched.running]
         roof.append(roofline_ms(c, contexts))
+        times.clear()
         t0 = time.perf_counter_ns()
         engine._step()
-        walls.append(time.perf_counter_ns() - t0)
+        wall = time.perf_counter_ns() - t0
         assert engine.last_stats.batch_size == n, (engine.last_stats, n)
-    total = sum(walls)
-    phases = {p: times.get(p, 0) / steps / 1e6 for p in PHASES}
-    # update = Scheduler.update plus what _step does after it (RequestOutputs, emit).
-    phases["update"] = (total - sum(times.get(p, 0) for p in PHASES if p != "update")) / steps
-    phases["update"] /= 1e6
-    host = total / steps / 1e6
+        walls.append(wall)
+        # update = Scheduler.update plus what _step does after it (RequestOutputs, emit).
+        times["update"] = wall - sum(times.get(p, 0) for p in PHASES if p != "update")
+        for p in PHASES:
+            per_step[p].append(times.get(p, 0))
+    # Medians per step: this machine is shared, and a busy neighbour shows as outliers.
+    phases = {p: statistics.median(v) / 1e6 for p, v in per_step.items()}
+    host = statistics.median(walls) / 1e6
     r = statistics.mean(roof)
     return dict(shape=SHAPES[key][0], streams=n, mode=mode, host_ms=host, roofline_ms=r,
-                ratio=host / r, median_ms=statistics.median(walls) / 1e6, **phases)  # fmt: skip
+                ratio=host / r, mean_ms=statistics.mean(walls) / 1e6, **phases)  # fmt: skip
 
 
 def main() -> None:
