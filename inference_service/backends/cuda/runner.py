@@ -4,6 +4,7 @@ for the batch's size bucket and block-table width (decode steps)."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any
 
@@ -29,8 +30,11 @@ def pack_inputs(h: np.ndarray, batch: list[BatchItem], rows: list[int], layout: 
     """Write the step's int32 inputs into h (laid out by `layout`): token ids, positions, KV
     slots, each token's sequence, the token row of each row to sample (`rows` = the items that
     sample), block tables, prefill tiles. Items past len(batch) up to pad_to (graph padding) run
-    token 0 at position 0 in the scratch block."""
-    bs = block_size
+    token 0 at position 0 in the scratch block.
+
+    Whole-batch numpy: the items' fields are gathered once into flat arrays (one Python pass
+    over the batch, no per-item numpy calls), then every field is written in one operation."""
+    bs, n = block_size, len(batch)
     h[: layout.total] = 0
     T = layout.tokens
     ids = h[layout.ids : layout.ids + T]
@@ -41,37 +45,38 @@ def pack_inputs(h: np.ndarray, batch: list[BatchItem], rows: list[int], layout: 
     bt = h[layout.block_tables : layout.block_tables + layout.seqs * layout.width]
     bt = bt.reshape(layout.seqs, layout.width)
     bt[:] = scratch_block
-    t = 0
-    last = []
-    for s, item in enumerate(batch):
-        n = len(item.token_ids)
-        table = item.block_table
-        w = min(len(table), layout.width)
-        bt[s, :w] = table[:w]
-        if n == 1:  # decode: scalar writes, no temporaries
-            p = item.start_pos
-            ids[t] = item.token_ids[0]
-            pos[t] = p
-            slots[t] = table[p // bs] * bs + p % bs
-            tok_seq[t] = s
-        else:
-            p = np.arange(item.start_pos, item.start_pos + n)
-            table = np.asarray(table, dtype=np.int32)
-            ids[t : t + n] = item.token_ids
-            pos[t : t + n] = p
-            slots[t : t + n] = table[p // bs] * bs + p % bs
-            tok_seq[t : t + n] = s
-        t += n
-        last.append(t - 1)
-    for s in range(len(batch), pad_to):
-        ids[t] = 0
-        pos[t] = 0
-        slots[t] = scratch_block * bs
-        tok_seq[t] = s
-        last.append(t)
-        t += 1
-    row_tokens = [last[i] for i in rows] + last[len(batch) :]
-    out_rows[: len(row_tokens)] = row_tokens
+
+    lens = np.fromiter((len(it.token_ids) for it in batch), np.int64, n)
+    starts = np.fromiter((it.start_pos for it in batch), np.int64, n)
+    tables = [it.block_table for it in batch]
+    table_lens = np.fromiter(map(len, tables), np.int64, n)
+    flat_tables = np.fromiter(itertools.chain.from_iterable(tables), np.int64,
+                              int(table_lens.sum()))  # fmt: skip
+    table_starts = np.cumsum(table_lens) - table_lens
+    t = int(lens.sum())  # real tokens; graph padding follows
+    if t == n:  # decode: one token each
+        ids[:n] = np.fromiter((it.token_ids[0] for it in batch), np.int64, n)
+        p, seq_of = starts, np.arange(n)
+    else:
+        ids[:t] = np.concatenate([np.asarray(it.token_ids) for it in batch])
+        seq_of = np.repeat(np.arange(n), lens)
+        first_row = np.cumsum(lens) - lens
+        p = np.arange(t) - first_row[seq_of] + starts[seq_of]
+    pos[:t] = p
+    slots[:t] = flat_tables[table_starts[seq_of] + p // bs] * bs + p % bs
+    tok_seq[:t] = seq_of
+    # Block tables, cut at the layout's width.
+    widths = np.minimum(table_lens, layout.width)
+    table_row = np.repeat(np.arange(n), widths)
+    col = np.arange(int(widths.sum())) - (np.cumsum(widths) - widths)[table_row]
+    bt[table_row, col] = flat_tables[table_starts[table_row] + col]
+    # Graph padding: token 0 at position 0 in the scratch block, one per padded item.
+    pad = pad_to - n
+    slots[t : t + pad] = scratch_block * bs
+    tok_seq[t : t + pad] = np.arange(n, pad_to)
+    last = np.cumsum(lens) - 1
+    out_rows[: len(rows)] = last[rows]
+    out_rows[len(rows) : len(rows) + pad] = np.arange(t, t + pad)
     if tiles:
         h[layout.prefill_tiles : layout.total] = np.asarray(tiles, np.int32).ravel()
 
