@@ -95,3 +95,54 @@ def test_supported():
     assert cs.supported(SamplingParams(top_p=0.5, logprobs=20), 151936)
     assert not cs.supported(SamplingParams(), cs.MAX_VOCAB)
     assert not cs.supported(SamplingParams(temperature=1e39), 1000)  # not a float32
+
+
+def reference_rows(logits_rows, params, hists, steps, vocab, uniforms) -> np.ndarray:
+    """The layout row by row with struct (as sampling.cu reads it): 6 int32 (row, n logprobs,
+    top-k, history offset, history length, pad), 4 float32 (temperature, top-p, min-p,
+    penalty), u as float64; then the history ids of the penalized rows, in range only."""
+    import struct
+
+    row = struct.Struct("<6i4fd")
+    assert row.size == 4 * cs.PARAM_WORDS
+    head, tail = b"", []
+    for r, (p, h) in enumerate(zip(params, hists, strict=True)):
+        kept = [int(t) for t in h if 0 <= t < vocab] if p.repetition_penalty != 1.0 else []
+        u = 0.0 if p.greedy else uniforms[r]
+        head += row.pack(logits_rows[r], -1 if p.logprobs is None else min(p.logprobs, vocab),
+                         p.top_k if 0 < p.top_k < vocab else 0, len(tail), len(kept), 0,
+                         p.temperature, p.top_p, p.min_p, p.repetition_penalty, u)  # fmt: skip
+        tail += kept
+    return np.concatenate([np.frombuffer(head, np.int32), np.asarray(tail, np.int32)])
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pack_rows_equals_the_row_by_row_reference(seed):
+    rng = np.random.default_rng(seed)
+    vocab = int(rng.choice([50, 49152, 128256]))
+    n = int(rng.integers(1, 40))
+    params, hists = [], []
+    for _ in range(n):
+        params.append(SamplingParams(
+            temperature=float(rng.choice([0.0, 0.3, 1.0, 1.7])),
+            top_k=int(rng.choice([0, 1, 40, vocab, vocab + 5])),
+            top_p=float(rng.choice([1.0, 0.9, 0.123456789])),
+            min_p=float(rng.choice([0.0, 0.05])),
+            repetition_penalty=float(rng.choice([1.0, 1.0, 1.1, 0.7])),
+            seed=int(rng.integers(0, 2**63)) if rng.random() < 0.8 else None,
+            logprobs=[None, 0, 5, 20][int(rng.integers(0, 4))],
+        ))  # fmt: skip
+        hists.append(rng.integers(-3, vocab + 3, int(rng.integers(0, 30))))
+    rows = rng.permutation(n).tolist()
+    steps = rng.integers(0, 1000, n).tolist()
+    uniforms = rng.random(n).tolist()
+    got = cs.pack_rows(rows, params, hists, steps, vocab, uniforms=uniforms)
+    np.testing.assert_array_equal(got, reference_rows(rows, params, hists, steps, vocab, uniforms))
+    # Drawn here: the same u as uniform_for for seeded non-greedy rows.
+    drawn = cs.pack_rows(rows, params, hists, steps, vocab)
+    u = drawn[: n * cs.PARAM_WORDS].reshape(n, -1).view(np.float64)[:, cs.SP_U // 2]
+    for r, p in enumerate(params):
+        if p.greedy:
+            assert u[r] == 0.0
+        elif p.seed is not None:
+            assert u[r] == uniform_for(p.seed, steps[r])

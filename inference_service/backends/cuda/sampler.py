@@ -15,7 +15,6 @@ finish() reads the results after the caller has synchronized it.
 
 from __future__ import annotations
 
-import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -75,12 +74,6 @@ _U64 = (1 << 64) - 1
 fast_uniform_for = _Uniforms()
 
 
-# One row of parameters: SP_ROW .. SP_HIST_LEN, a pad word, SP_TEMP .. SP_PENALTY as float32,
-# SP_U as float64 (byte 40: 8-byte aligned).
-_ROW = struct.Struct("<6i4fd")
-assert _ROW.size == 4 * PARAM_WORDS
-
-
 def pack_rows(
     logits_rows: Sequence[int],
     params: Sequence[SamplingParams],
@@ -91,38 +84,48 @@ def pack_rows(
 ) -> np.ndarray:
     """int32 [rows * PARAM_WORDS + history ids]: what sample_rows reads for these rows.
 
-    History ids are only sent for rows whose penalty is on, with ids outside the vocabulary
-    dropped here (the kernel skips duplicates). u is drawn with uniform_for unless given
-    (tests); greedy rows draw nothing, as in sampler.sample."""
+    A row: SP_ROW .. SP_HIST_LEN as int32, a pad word, SP_TEMP .. SP_PENALTY as float32, SP_U
+    as float64 (byte 40: 8-byte aligned); each field is written for all rows at once. History
+    ids are only sent for rows whose penalty is on, with ids outside the vocabulary dropped
+    here (the kernel skips duplicates). u is drawn with uniform_for unless given (tests);
+    greedy rows draw nothing, as in sampler.sample."""
     n = len(params)
-    hists: list[np.ndarray] = []
-    for p, h in zip(params, histories, strict=True):
-        if p.repetition_penalty == 1.0 or h is None or len(h) == 0:
-            hists.append(np.zeros(0, np.int32))
-            continue
-        h = np.asarray(h)
-        hists.append(h[(h >= 0) & (h < vocab)].astype(np.int32, copy=False))
-    total = n * PARAM_WORDS + sum(len(h) for h in hists)
-    buf = np.zeros(total, np.int32)
-    raw = memoryview(buf).cast("B")
-    off = 0
-    for r, (p, h) in enumerate(zip(params, hists, strict=True)):
-        if p.greedy:
-            u = 0.0
-        elif uniforms is not None:
-            u = uniforms[r]
-        else:
-            u = fast_uniform_for(p.seed, steps[r])
-        # top_p / min_p as float32: numpy compares a float32 array with a Python float in
-        # float32 (NEP 50), so these are the values the host sampler effectively uses.
-        _ROW.pack_into(raw, 4 * r * PARAM_WORDS, logits_rows[r],
-                       -1 if p.logprobs is None else min(p.logprobs, vocab),
-                       p.top_k if 0 < p.top_k < vocab else 0, off, len(h), 0,
-                       p.temperature, p.top_p, p.min_p, p.repetition_penalty, u)  # fmt: skip
-        start = n * PARAM_WORDS + off
-        buf[start : start + len(h)] = h
-        off += len(h)
+    if not len(logits_rows) == len(histories) == len(steps) == n:
+        raise ValueError("pack_rows needs one logits row, history and step per row")
+    hists = [
+        _history(h, vocab) if p.repetition_penalty != 1.0 and h is not None and len(h) else None
+        for p, h in zip(params, histories, strict=True)
+    ]
+    hist_lens = np.fromiter((0 if h is None else len(h) for h in hists), np.int64, n)
+    buf = np.zeros(n * PARAM_WORDS + int(hist_lens.sum()), np.int32)
+    head = buf[: n * PARAM_WORDS].reshape(n, PARAM_WORDS)
+    head[:, SP_ROW] = logits_rows
+    head[:, SP_NLOGPROBS] = [-1 if p.logprobs is None else min(p.logprobs, vocab) for p in params]
+    head[:, SP_TOPK] = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    head[:, SP_HIST_OFF] = np.cumsum(hist_lens) - hist_lens
+    head[:, SP_HIST_LEN] = hist_lens
+    # top_p / min_p as float32: numpy compares a float32 array with a Python float in float32
+    # (NEP 50), so these are the values the host sampler effectively uses.
+    f32 = head.view(np.float32)
+    f32[:, SP_TEMP] = [p.temperature for p in params]
+    f32[:, SP_TOPP] = [p.top_p for p in params]
+    f32[:, SP_MINP] = [p.min_p for p in params]
+    f32[:, SP_PENALTY] = [p.repetition_penalty for p in params]
+    if uniforms is None:
+        uniforms = [0.0 if p.greedy else fast_uniform_for(p.seed, step)
+                    for p, step in zip(params, steps, strict=True)]  # fmt: skip
+    else:
+        uniforms = [0.0 if p.greedy else u for p, u in zip(params, uniforms, strict=True)]
+    head.view(np.float64)[:, SP_U // 2] = uniforms
+    present = [h for h in hists if h is not None]
+    if present:
+        buf[n * PARAM_WORDS :] = np.concatenate(present)
     return buf
+
+
+def _history(h: np.ndarray, vocab: int) -> np.ndarray:
+    h = np.asarray(h)
+    return h[(h >= 0) & (h < vocab)]
 
 
 def unpack_rows(out: np.ndarray, params: Sequence[SamplingParams]) -> list[SampleOutput]:
