@@ -286,24 +286,24 @@ class Engine:
         self._publish_stats(out, time.monotonic() - t0)
 
     def _batch(self, out: SchedulerOutput) -> list[BatchItem]:
+        """The step's items: views of each sequence's id buffer (no per-step copies of ids
+        that did not change), its block table as it is."""
         items = []
+        no_history = np.zeros(0, np.int32)
         for chunk in out.chunks:
             seq = chunk.seq
-            sampling = seq.sampling if chunk.samples else None
-            history = np.zeros(0, np.int32)
-            if sampling is not None and sampling.repetition_penalty != 1.0:
-                history = np.asarray(seq.token_ids, dtype=np.int32)
+            end = chunk.start_pos + chunk.num_tokens
+            ids = seq.ids_array()
+            sampling = seq.sampling if end == len(ids) else None  # chunk.samples
+            penalty = sampling is not None and sampling.repetition_penalty != 1.0
             items.append(
                 BatchItem(
                     seq_id=seq.seq_id,
-                    token_ids=np.asarray(
-                        seq.tokens_slice(chunk.start_pos, chunk.start_pos + chunk.num_tokens),
-                        dtype=np.int32,
-                    ),
+                    token_ids=ids[chunk.start_pos : end],
                     start_pos=chunk.start_pos,
                     block_table=seq.block_table,
                     sampling=sampling,
-                    history=history,
+                    history=ids if penalty else no_history,
                     step=len(seq.output_ids),
                 )
             )

@@ -6,6 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from inference_service.sampling.params import SampleOutput, SamplingParams
 
 
@@ -52,6 +54,9 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     cancel_requested: bool = False
+    # token_ids as int32, grown as tokens come (ids_array): a step copies only the new ones.
+    _ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32), repr=False)
+    _ids_len: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -72,6 +77,19 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def ids_array(self) -> np.ndarray:
+        """Prompt + generated ids as int32 [num_tokens]: a view of a buffer that later tokens
+        extend in place (the ids it shows never change), grown by doubling."""
+        n = self.num_tokens
+        if n > len(self._ids):
+            grown = np.zeros(max(n, 2 * len(self._ids), 64), np.int32)
+            grown[: self._ids_len] = self._ids[: self._ids_len]
+            self._ids = grown
+        if self._ids_len < n:
+            self._ids[self._ids_len : n] = self.tokens_slice(self._ids_len, n)
+            self._ids_len = n
+        return self._ids[:n]
 
     def tokens_slice(self, start: int, stop: int) -> list[int]:
         n = len(self.prompt_ids)
