@@ -24,8 +24,9 @@ import numpy as np
 from inference_service.backends.base import Backend, BatchItem, check_backend
 from inference_service.config import EngineConfig
 from inference_service.engine.block_manager import BlockManager
-from inference_service.engine.scheduler import Scheduler, SchedulerOutput
+from inference_service.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from inference_service.engine.sequence import FinishReason, Sequence
+from inference_service.errors import describe_error
 from inference_service.sampling.params import SampleOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -269,12 +270,11 @@ class Engine:
         outputs = self._finish_outputs(out.finished)
         samples: list[SampleOutput | None] = []
         if out.chunks:
-            try:
-                samples = self.backend.step(self._batch(out))
-            except Exception as exc:  # fail this batch, keep serving the others
-                log.exception("backend step failed")
-                outputs += self._finish_outputs(self.scheduler.fail(out), f"backend error: {exc}")
-                out.chunks = []
+            samples, failures = self._run_isolating(out.chunks)
+            if failures:
+                outputs += self._fail_chunks(out, failures)
+                samples = [s for i, s in enumerate(samples) if i not in failures]
+                out.chunks = [c for i, c in enumerate(out.chunks) if i not in failures]
         if out.chunks:
             sampled = [c.seq for c in out.chunks if c.samples]  # before update grows them
             self.scheduler.update(out, samples)
@@ -284,6 +284,51 @@ class Engine:
                 self._unscheduled.discard(chunk.seq.seq_id)
         self._emit(outputs)
         self._publish_stats(out, time.monotonic() - t0)
+
+    def _run_isolating(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[list[SampleOutput | None], dict[int, Exception]]:
+        """backend.step over chunks. When it raises, the halves run again, and so on, until
+        every chunk that makes it raise is alone: (samples by chunk, None where it failed; the
+        error of each failed chunk by index). The retries are exact for the others: a chunk
+        run again rewrites the same KV positions with the same values, and a seeded draw
+        depends on (seed, BatchItem.step) alone, which a retry does not advance."""
+        try:
+            return self.backend.step(self._batch(SchedulerOutput(chunks=chunks))), {}
+        except Exception as exc:
+            if len(chunks) == 1:
+                log.debug("backend step failed on sequence %d", chunks[0].seq.seq_id,
+                          exc_info=True)  # fmt: skip
+                return [None], {0: exc}
+        mid = len(chunks) // 2
+        head, head_failed = self._run_isolating(chunks[:mid])
+        tail, tail_failed = self._run_isolating(chunks[mid:])
+        head_failed.update({mid + i: e for i, e in tail_failed.items()})
+        return head + tail, head_failed
+
+    def _fail_chunks(
+        self, out: SchedulerOutput, failures: dict[int, Exception]
+    ) -> list[RequestOutput]:
+        """End the sequences whose chunks the backend failed on (ERROR, blocks freed): one
+        log line for the step, one message per request that says what happened."""
+        seqs = [out.chunks[i].seq for i in sorted(failures)]
+        errors = {seq.seq_id: failures[i] for i, seq in zip(sorted(failures), seqs, strict=True)}
+        first = next(iter(errors.values()))
+        log.error(
+            "backend step failed on request(s) %s (%s): stopped them; %d other sequence(s) "
+            "of the step went on",
+            ", ".join(str(s.seq_id) for s in seqs), describe_error(first),
+            len(out.chunks) - len(seqs),
+        )  # fmt: skip
+        outputs = []
+        for seq in self.scheduler.fail(seqs):
+            outputs += self._finish_outputs(
+                [seq],
+                f"the model backend failed on this request ({describe_error(errors[seq.seq_id])}); "
+                "it was stopped, other requests go on. Sending it again will likely fail "
+                "the same way; the inference service's log names the request",
+            )
+        return outputs
 
     def _batch(self, out: SchedulerOutput) -> list[BatchItem]:
         """The step's items: views of each sequence's id buffer (no per-step copies of ids

@@ -207,13 +207,14 @@ class Scheduler:
             self.running = [s for s in self.running if not s.is_finished]
         return finished
 
-    def fail(self, out: SchedulerOutput) -> list[Sequence]:
-        """The backend raised on this step: end every sequence in it with ERROR."""
+    def fail(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The backend raised on these sequences' chunks: end them with ERROR (their blocks
+        go back to the pool); return those that were not finished already."""
         failed = []
-        for chunk in out.chunks:
-            if not chunk.seq.is_finished:
-                self._finish(chunk.seq, FinishReason.ERROR)
-                failed.append(chunk.seq)
+        for seq in seqs:
+            if not seq.is_finished:
+                self._finish(seq, FinishReason.ERROR)
+                failed.append(seq)
         self.running = [s for s in self.running if not s.is_finished]
         return failed
 

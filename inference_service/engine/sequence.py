@@ -22,7 +22,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # a stop token id (or, in the server, a stop string)
     EOS = "eos"  # the model's end-of-sequence token
     CANCELLED = "cancelled"  # client cancel, disconnect, deadline, or shutdown
-    ERROR = "error"  # the backend failed on this sequence's batch
+    ERROR = "error"  # the backend failed on this sequence's tokens (alone, not its batch)
 
 
 @dataclass(eq=False)
