@@ -30,6 +30,7 @@ from kuiper.v1 import tokenizer_pb2 as tpb
 from inference_service.engine.engine import RequestOutput
 from inference_service.engine.sequence import FinishReason
 from inference_service.engine.stop_strings import StopStringMatcher
+from inference_service.errors import describe_error, raised_at
 from inference_service.sampling.params import SampleOutput
 from inference_service.tokenizer_client import (
     DecodeStreamMux,
@@ -224,29 +225,14 @@ class OutputRouter:
         epoch = self.decoder.epoch
         for rid, m in merged.items():
             req = self._live[rid]
-            last = m.last
-            assert last is not None
-            if last.finish_reason is FinishReason.ERROR:
-                # a dead engine process is restarted: the client may retry elsewhere or later
-                code = grpc.StatusCode.UNAVAILABLE if last.engine_lost else grpc.StatusCode.INTERNAL
-                self._fail(req, code, last.error or "engine error")
+            try:
+                seq = self._sequence_ids(req, m, epoch)
+            except Exception as exc:  # one request's bug ends that request only
+                self._fail_internal(req, exc, "sending its tokens to the tokenizer service")
                 continue
-            stale = req.opened_epoch is not None and req.opened_epoch != epoch
-            if stale or req.request_id in self._reopen:
-                self._hold(req, m)  # its detokenizer state is gone: reopened below
-                continue
-            if req.opened_epoch is None and not m.ids:
-                if last.finished:  # ended before producing anything (e.g. cancelled while queued)
-                    self._finish(req, Delta([], "", finish_reason=last.finish_reason, output=last))
-                continue
-            seq = tpb.SequenceIds(sequence_id=rid, ids=m.ids, finished=last.finished)
-            if req.opened_epoch is None:
-                seq.context_ids.extend(req.context_ids)
-                seq.skip_special_tokens = True
-                req.opened_epoch = epoch
-            req.closed = last.finished
-            items.append(seq)
-            targets.append((req, m))
+            if seq is not None:
+                items.append(seq)
+                targets.append((req, m))
         self._reopen_ready(items, targets, epoch)
         for rid in closes:
             items.append(tpb.SequenceIds(sequence_id=rid, finished=True))
@@ -269,6 +255,32 @@ class OutputRouter:
                 self._in_flight.put_nowait((fut, part_targets))
             else:
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # closes only
+
+    def _sequence_ids(self, req: LiveRequest, m: _Merged, epoch: int) -> tpb.SequenceIds | None:
+        """req's part of this step's DecodeStream message, or None when it sends nothing now
+        (failed, held for a reopen, or ended with no ids)."""
+        last = m.last
+        assert last is not None
+        if last.finish_reason is FinishReason.ERROR:
+            # a dead engine process is restarted: the client may retry elsewhere or later
+            code = grpc.StatusCode.UNAVAILABLE if last.engine_lost else grpc.StatusCode.INTERNAL
+            self._fail(req, code, last.error or "engine error")
+            return None
+        stale = req.opened_epoch is not None and req.opened_epoch != epoch
+        if stale or req.request_id in self._reopen:
+            self._hold(req, m)  # its detokenizer state is gone: reopened below
+            return None
+        if req.opened_epoch is None and not m.ids:
+            if last.finished:  # ended before producing anything (e.g. cancelled while queued)
+                self._finish(req, Delta([], "", finish_reason=last.finish_reason, output=last))
+            return None
+        seq = tpb.SequenceIds(sequence_id=req.request_id, ids=m.ids, finished=last.finished)
+        if req.opened_epoch is None:
+            seq.context_ids.extend(req.context_ids)
+            seq.skip_special_tokens = True
+            req.opened_epoch = epoch
+        req.closed = last.finished
+        return seq
 
     # ---- reopening after the DecodeStream broke ---------------------------------------------
     def _wait_for_reopen(self, req: LiveRequest) -> None:
@@ -358,26 +370,33 @@ class OutputRouter:
             if self._live.get(req.request_id) is not req:  # released meanwhile
                 req.done = True
                 continue
-            last = m.last
-            assert last is not None
-            # What the tokenizer has turned into text: the context of a reopened sequence.
-            if text:
-                req.context_ids = (req.context_ids + req.unemitted + m.ids)[-CONTEXT_IDS:]
-                req.unemitted = []
-            else:
-                req.unemitted += m.ids
-            req.waiting_since = None
-            req.answered = True
-            emit, stopped = req.matcher.feed(text)
-            if stopped:
-                self.engine.abort(req.request_id)
-                self._close_later(req)
-                self._finish(req, Delta(m.ids, emit, m.logprobs, FinishReason.STOP, output=last))
-            elif last.finished:
-                emit += req.matcher.flush()
-                self._finish(req, Delta(m.ids, emit, m.logprobs, last.finish_reason, output=last))
-            else:
-                req.queue.put_nowait(Delta(m.ids, emit, m.logprobs, output=last))
+            try:
+                self._deliver_one(req, m, text)
+            except Exception as exc:  # one request's bug ends that request only
+                self._fail_internal(req, exc, "turning its tokens into text")
+
+    def _deliver_one(self, req: LiveRequest, m: _Merged, text: str) -> None:
+        """Stop strings, then the Delta on req's queue."""
+        last = m.last
+        assert last is not None
+        # What the tokenizer has turned into text: the context of a reopened sequence.
+        if text:
+            req.context_ids = (req.context_ids + req.unemitted + m.ids)[-CONTEXT_IDS:]
+            req.unemitted = []
+        else:
+            req.unemitted += m.ids
+        req.waiting_since = None
+        req.answered = True
+        emit, stopped = req.matcher.feed(text)
+        if stopped:
+            self.engine.abort(req.request_id)
+            self._close_later(req)
+            self._finish(req, Delta(m.ids, emit, m.logprobs, FinishReason.STOP, output=last))
+        elif last.finished:
+            emit += req.matcher.flush()
+            self._finish(req, Delta(m.ids, emit, m.logprobs, last.finish_reason, output=last))
+        else:
+            req.queue.put_nowait(Delta(m.ids, emit, m.logprobs, output=last))
 
     # ---- endings ---------------------------------------------------------------------------
     def _finish(self, req: LiveRequest, delta: Delta) -> None:
@@ -389,6 +408,18 @@ class OutputRouter:
             self.engine.abort(req.request_id)
             self._close_later(req)
             self._finish(req, Delta([], "", error=RpcError(code, message)))
+
+    def _fail_internal(self, req: LiveRequest, exc: Exception, doing: str) -> None:
+        """A bug hit while serving req alone: INTERNAL for it, one log line (with where it was
+        raised), the other requests go on."""
+        log.error("request %d: %s failed (%s at %s); ended it with INTERNAL, the others go on",
+                  req.request_id, doing, describe_error(exc), raised_at(exc))  # fmt: skip
+        self._fail(
+            req,
+            grpc.StatusCode.INTERNAL,
+            f"internal error while {doing} ({describe_error(exc)}); other requests are not "
+            "affected; the inference service's log names this request",
+        )
 
     def _fail_all(self, targets: list[_Target], exc: Exception) -> None:
         if isinstance(exc, TokenizerUnavailableError):

@@ -38,6 +38,7 @@ from inference_service.engine.engine import (
 from inference_service.engine.sequence import FinishReason
 from inference_service.engine_core.build import EngineSpec, build_engine
 from inference_service.engine_core.client import EngineClient
+from inference_service.errors import describe_error, raised_at
 from inference_service.metrics import FINISHED_REASON, InferenceMetrics
 from inference_service.router import Delta, OutputRouter, RpcError
 from inference_service.sampling.params import (
@@ -296,10 +297,15 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
             expired = remaining is not None and remaining <= DEADLINE_SLACK_S
             code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
             raise
-        except Exception:
+        except Exception as exc:  # a bug serving this request: INTERNAL for it alone
             code = "INTERNAL"
-            log.exception("%s failed", method)
-            raise
+            log.error("%s failed (%s at %s); ended it with INTERNAL, the other streams go on",
+                      method, describe_error(exc), raised_at(exc))  # fmt: skip
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error while serving this request ({describe_error(exc)}); other "
+                "requests are not affected; the inference service's log has the details",
+            )
         finally:
             self.metrics.requests.labels(method, code).inc()
 

@@ -138,20 +138,28 @@ def start_tokenizer(
 
 @contextmanager
 def run_stack(
-    model: Path, *extra: str, device: str = "cpu", security: StackSecurity = StackSecurity()
+    model: Path,
+    *extra: str,
+    device: str = "cpu",
+    security: StackSecurity = StackSecurity(),
+    launcher: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ):
+    """Both services; the inference service runs as `launcher` (argv prefix, default the
+    kuiper CLI) with `env` added to its environment."""
     tok = start_tokenizer(model, security=security)
     port, metrics_port = free_port(), free_port()
     tokenizer_tls = ["--tokenizer-tls-ca", str(security.cert)] if security.cert else []
     inf = start_server(
-        kuiper_command(
+        [
+            *(launcher or kuiper_command()),
             "serve-inference", "--model", str(model), "--device", device, "--host", "127.0.0.1",
             "--port", str(port), "--tokenizer-address", tok.address,
             "--metrics-port", str(metrics_port), "--grace", "20", *security.server_args(),
             *tokenizer_tls, *extra,
-        ),
+        ],
         port,
-        env=security.env(),
+        env={**security.env(), **(env or {})},
         wait=False,
         credentials=security.credentials(),
     )  # fmt: skip
