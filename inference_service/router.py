@@ -263,7 +263,11 @@ class OutputRouter:
         assert last is not None
         if last.finish_reason is FinishReason.ERROR:
             # a dead engine process is restarted: the client may retry elsewhere or later
-            code = grpc.StatusCode.UNAVAILABLE if last.engine_lost else grpc.StatusCode.INTERNAL
+            code = grpc.StatusCode.INTERNAL
+            if last.engine_lost:
+                code = grpc.StatusCode.UNAVAILABLE
+            elif last.queue_full:  # the core's bound, shared by every frontend
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
             self._fail(req, code, last.error or "engine error")
             return None
         stale = req.opened_epoch is not None and req.opened_epoch != epoch

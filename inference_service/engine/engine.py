@@ -56,6 +56,7 @@ class RequestOutput:
     queue_time_s: float | None = None  # arrival to first scheduling step
     error: str | None = None
     engine_lost: bool = False  # the engine process died under it (the client may retry)
+    queue_full: bool = False  # refused: the waiting queue was full (the client may retry later)
 
     @property
     def finished(self) -> bool:

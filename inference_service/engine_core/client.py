@@ -1,6 +1,10 @@
 """The frontend's handle on the engine-core process: the same face the server and router use
 on an in-process Engine (submit, abort, output and stats listeners, set_stop_ids, generate,
-backend.config / sample_vocab, ...), backed by a child process over one pipe.
+backend.config / sample_vocab, ...), backed by the core over one pipe.
+
+The *owner* (the first frontend) starts the core as its child and supervises it; other
+frontends *attach* to the running core through its `CoreAddress` (their own connection, their
+own request ids) and reconnect when it comes back after a restart.
 
 A receiver thread reads one message per batch of engine steps and calls the output listeners
 with all of it, as the engine thread does in the single-process server. The frontend keeps
@@ -9,7 +13,9 @@ the waiting-queue bound itself (a request counts as waiting until its first outp
 
 When the core process dies, every open request ends at once with an `engine_lost` error
 output (the server answers UNAVAILABLE), `on_state(False)` is called (health NOT_SERVING),
-and a new core is started with backoff; `on_state(True)` once it is ready again.
+and a new core is started with backoff (attached frontends: reconnect); `on_state(True)` once
+it is ready again. A core whose engine thread sends no heartbeat for `restart_stalled_s` (a
+wedged step, a stopped process) is killed by its owner and restarted the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from multiprocessing.connection import Client
 
 from inference_service.engine.engine import (
     Engine,
@@ -34,7 +41,7 @@ from inference_service.engine.engine import (
 from inference_service.engine.sequence import FinishReason
 from inference_service.engine_core import protocol as proto
 from inference_service.engine_core.build import EngineSpec
-from inference_service.engine_core.process import core_main
+from inference_service.engine_core.process import CoreAddress, core_main
 from inference_service.models.config import ModelConfig
 from inference_service.sampling.params import SamplingParams
 
@@ -42,6 +49,7 @@ log = logging.getLogger("kuiper.engine_client")
 
 START_TIMEOUT_S = 900.0  # loading a model (and compiling kernels) on a cold machine
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+RECONNECT_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)  # attached frontends, while the owner restarts it
 
 
 class EngineStartError(RuntimeError):
@@ -78,9 +86,26 @@ class RemoteBackend:
 
 
 class EngineClient:
-    def __init__(self, spec: EngineSpec, on_state: Callable[[bool], None] | None = None):
+    def __init__(
+        self,
+        spec: EngineSpec,
+        on_state: Callable[[bool], None] | None = None,
+        *,
+        address: CoreAddress | None = None,
+        attach: bool = False,
+        restart_stalled_s: float = 0.0,
+    ):
+        """Owner (attach=False): start the core, listening at `address` for more frontends
+        when given, and kill + restart it when its heartbeat is older than restart_stalled_s
+        (0: never). attach=True: connect to the core running at `address`."""
+        if attach and address is None:
+            raise ValueError("attaching to an engine core needs its address")
         self.spec = spec
         self.on_state = on_state  # called from the receiver thread: True = serving again
+        self.address = address
+        self.attached = attach
+        self.restart_stalled_s = restart_stalled_s
+        self._kill_reason: str | None = None  # why the owner killed its core (a wedge)
         self._ctx = multiprocessing.get_context("spawn")  # no fork of a threaded gRPC process
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn = None
@@ -110,17 +135,39 @@ class EngineClient:
         thread from asyncio). Raises EngineStartError when it cannot."""
         if self._receiver is not None:
             return
-        self._spawn()
+        if self.attached:
+            self._connect()
+        else:
+            self._spawn()
         self._receiver = threading.Thread(
             target=self._receive, name="kuiper-core-recv", daemon=True
         )
         self._receiver.start()
+        if not self.attached and self.restart_stalled_s > 0:
+            threading.Thread(target=self._watch, name="kuiper-core-watch", daemon=True).start()
+
+    def _connect(self) -> None:
+        """Attach to the running core (raises EngineStartError when it does not answer)."""
+        assert self.address is not None
+        try:
+            conn = Client(self.address.path, family="AF_UNIX", authkey=self.address.authkey)
+        except (OSError, EOFError) as exc:
+            raise EngineStartError(f"cannot reach the engine process ({exc})") from None
+        try:
+            if not conn.poll(START_TIMEOUT_S):
+                raise EngineStartError("the engine process did not answer")
+            msg = proto.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            conn.close()
+            raise EngineStartError("the engine process closed the connection") from None
+        self._ready(None, conn, msg[1])
 
     def _spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=core_main, args=(child, self.spec), name="kuiper-engine-core", daemon=True
-        )
+            target=core_main, args=(child, self.spec, self.address), name="kuiper-engine-core",
+            daemon=True,
+        )  # fmt: skip
         proc.start()
         child.close()  # only the core holds its end: its death reads as EOF here
         try:
@@ -138,10 +185,13 @@ class EngineClient:
         if msg[0] == proto.FATAL:
             proc.join(10.0)
             raise EngineStartError(msg[1])
-        info: proto.CoreInfo = msg[1]
+        self._ready(proc, parent, msg[1])
+
+    def _ready(self, proc, conn, info: proto.CoreInfo) -> None:
+        """A core answered READY on `conn`: use it (tell it what the previous one was told)."""
         self.heartbeat = time.monotonic()
         old_vocab = self.backend.sample_vocab if self.backend is not None else None
-        self._proc, self._conn, self.info = proc, parent, info
+        self._proc, self._conn, self.info = proc, conn, info
         self.backend = RemoteBackend(self, info)
         self.config = _Limits(info.max_batch_size, info.max_waiting)
         # a restarted core gets what the server told the previous one
@@ -152,8 +202,18 @@ class EngineClient:
         self._running = True
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        """Stop the core (it cancels what still runs) and wait for it."""
+        """Stop the core (it cancels what still runs) and wait for it. Attached: only leave
+        it (the core aborts whatever of ours still runs)."""
         self._stopping = True
+        if self.attached:
+            with self._send_lock:
+                conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+            if self._receiver is not None:
+                self._receiver.join(timeout)
+            self._running = False
+            return
         if self._proc is None:
             return
         with contextlib.suppress(EngineStoppedError):
@@ -168,11 +228,16 @@ class EngineClient:
 
     @property
     def alive(self) -> bool:
+        if self.attached:
+            return self._running and self._conn is not None
         return self._running and self._proc is not None and self._proc.is_alive()
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The core process's id."""
+        if self._proc is not None:
+            return self._proc.pid
+        return self.info.pid if self.info is not None else None
 
     # ---- the Engine's face -----------------------------------------------------------------
     @property
@@ -252,8 +317,10 @@ class EngineClient:
         while True:
             conn = self._conn
             try:
+                if conn is None:
+                    raise OSError("closed")
                 msg = proto.loads(conn.recv_bytes())
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: closed by stop() meanwhile
                 if self._stopping:
                     self._end_open("the engine stopped", lost=False)
                     return
@@ -302,34 +369,69 @@ class EngineClient:
             )
 
     def _on_core_death(self) -> None:
-        """Fail every open request, report NOT_SERVING, start a new core (with backoff)."""
+        """Fail every open request, report NOT_SERVING, start a new core (with backoff) or,
+        attached, reconnect to the one the owner starts."""
         proc = self._proc
         with self._send_lock:
             self._running = False
-            self._conn = None
-        if proc is not None:
-            proc.join(5.0)
-        code = proc.exitcode if proc is not None else None
-        log.error("the engine process exited (code %s); restarting it", code)
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+        if self.attached:
+            log.error("lost the engine process; reconnecting")
+            what = "the engine process went away"
+        else:
+            if proc is not None:
+                proc.join(5.0)
+            code = proc.exitcode if proc is not None else None
+            what = self._kill_reason or f"the engine process exited (code {code})"
+            self._kill_reason = None
+            log.error("%s; restarting it", what)
         self._end_open(
-            f"the engine process exited (code {code}) during this request; it is restarting, "
-            "retry the request",
-            lost=True,
+            f"{what} during this request; it is restarting, retry the request", lost=True
         )
         self._notify(False)
+        backoff = RECONNECT_BACKOFF_S if self.attached else RESTART_BACKOFF_S
         for attempt in itertools.count():
             if self._stopping:
                 return
             try:
-                self._spawn()
+                if self.attached:
+                    self._connect()
+                else:
+                    self._spawn()
                 break
             except EngineStartError as exc:
-                delay = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
-                log.error("restarting the engine process failed (%s); next try in %gs", exc, delay)
+                delay = backoff[min(attempt, len(backoff) - 1)]
+                if not self.attached or attempt % 20 == 19:
+                    log.error("starting the engine process failed (%s); next try in %gs",
+                              exc, delay)  # fmt: skip
                 time.sleep(delay)
         self.restarts += 1
-        log.info("engine process restarted (pid %s)", self.pid)
+        if self.attached:
+            log.info("reconnected to the engine process (pid %s)", self.pid)
+        else:
+            log.info("engine process restarted (pid %s)", self.pid)
         self._notify(True)
+
+    def _watch(self) -> None:
+        """Owner: kill a core whose engine thread has not come round its loop for
+        restart_stalled_s (the receiver then restarts it as after any death)."""
+        period = min(1.0, self.restart_stalled_s / 4)
+        while not self._stopping:
+            time.sleep(period)
+            proc = self._proc
+            age = time.monotonic() - self.heartbeat
+            if not self._running or proc is None or age <= self.restart_stalled_s:
+                continue
+            self._kill_reason = (
+                f"the engine process stopped responding (no heartbeat for {age:.0f}s, limit "
+                f"{self.restart_stalled_s:g}s) and was killed"
+            )
+            log.error("%s (pid %s)", self._kill_reason, proc.pid)
+            proc.kill()  # SIGKILL ends a stopped (SIGSTOP) process too
+            proc.join(10.0)
 
     def _notify(self, serving: bool) -> None:
         if self.on_state is not None:
