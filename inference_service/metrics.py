@@ -4,10 +4,16 @@ Named and shaped like vLLM's (`vllm:X` is `kuiper_inference_X` here), so its das
 autoscaling rules and gateway settings carry over by swapping the prefix: cumulative values are
 Counters, every series carries `model_name`, the KV pool's fill is a 0-1 ratio
 (`kv_cache_usage_perc`), requests end in `request_success_total{finished_reason}` with vLLM's
-reasons, and latencies are histograms in seconds (inter-token latency once per token)."""
+reasons, and latencies are histograms in seconds (inter-token latency once per token).
+
+With several frontend processes (`--frontends N`) prometheus_client runs in multiprocess
+mode (inference_service/frontends.py): counters and histograms are summed over the
+processes, the engine's gauges (set by frontend 0 alone) are the live maximum, and
+`frontend_streams` has one series per process (label `pid`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +61,10 @@ class _MetricFactory:
         c = Counter(self.prefix + name, doc, ["model_name", *labels], registry=self.registry)
         return WithModel(c, self.model_name) if labels else c.labels(self.model_name)
 
-    def gauge(self, name: str, doc: str) -> Any:
-        g = Gauge(self.prefix + name, doc, ["model_name"], registry=self.registry)
+    def gauge(self, name: str, doc: str, multiprocess_mode: str = "livemax") -> Any:
+        """multiprocess_mode: how several processes' values combine (multiprocess mode only)."""
+        g = Gauge(self.prefix + name, doc, ["model_name"], registry=self.registry,
+                  multiprocess_mode=multiprocess_mode)  # fmt: skip
         return g.labels(self.model_name)
 
     def histogram(self, name: str, doc: str, buckets: Sequence[float]) -> Any:
@@ -134,6 +142,11 @@ class InferenceMetrics:
         self.prefix_queries = m.counter(
             "prefix_cache_queries", "Prompt tokens in full blocks looked up in the prefix cache."
         )
+        self.frontend_streams = m.gauge(
+            "frontend_streams",
+            "Streams open on this frontend process (several frontends: one series each, by pid).",
+            multiprocess_mode="liveall",
+        )
         self.preemptions = m.counter(
             "num_preemptions", "Sequences preempted (to be recomputed) for KV space."
         )
@@ -169,6 +182,13 @@ class InferenceMetrics:
             self.itl.observe(seconds / num_tokens)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics on `port` (0: a free one); returns the port it listens on."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics on `port` (0: a free one); returns the port it listens on. In
+        multiprocess mode: every frontend process's series, combined."""
+        registry = self.registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        server, _ = start_http_server(port, addr=host, registry=registry)
         return server.server_port

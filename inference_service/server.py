@@ -10,6 +10,11 @@ when the waiting queue is full) and stream every step's ids and text as soon as 
 hands them over. A client that cancels, disconnects or runs out of deadline stops its
 sequence at the next engine step. SIGTERM: health goes NOT_SERVING, new requests get
 UNAVAILABLE ("draining"), running streams finish within the grace period, exit 0.
+
+`--frontends N` (inference_service/frontends.py): this process is frontend 0; it starts the
+engine core and N-1 more frontend processes that bind the same port (SO_REUSEPORT) and attach
+to the core. `serve(cfg, slot)` is what each of those runs; SIGTERM reaches them through
+frontend 0, which drains its own streams, waits for theirs, then stops the core.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +45,15 @@ from inference_service.engine.sequence import FinishReason
 from inference_service.engine_core.build import EngineSpec, build_engine
 from inference_service.engine_core.client import EngineClient
 from inference_service.errors import describe_error, raised_at
+from inference_service.frontends import (
+    FrontendPool,
+    FrontendSlot,
+    Runtime,
+    default_frontends,
+    multi_frontend_possible,
+    multiprocess_metrics,
+    port_in_use,
+)
 from inference_service.metrics import FINISHED_REASON, InferenceMetrics
 from inference_service.router import Delta, OutputRouter, RpcError
 from inference_service.sampling.params import (
@@ -51,7 +66,7 @@ from inference_service.tokenizer_client import (
     TokenizerRequestError,
     TokenizerUnavailableError,
 )
-from inference_service.watchdog import DEFAULT_STALL_S, watch_engine
+from inference_service.watchdog import DEFAULT_RESTART_S, DEFAULT_STALL_S, watch_engine
 from kuiper_serve.common.auth import Security, add_port, connection_age_options, count_rejections
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
@@ -323,6 +338,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
         self.metrics.prompt_tokens.inc(len(ids))
         self.metrics.prompt_length.observe(len(ids))
         self.num_streams += 1
+        self.metrics.frontend_streams.inc()
         first: float | None = None
         last_time = start
         completion = 0
@@ -372,6 +388,7 @@ class InferenceServicer(igrpc.InferenceServiceServicer):
                 yield resp
         finally:
             self.num_streams -= 1
+            self.metrics.frontend_streams.dec()
             self.router.release(rid)
 
     def _observe_finish(
@@ -467,12 +484,19 @@ class ServerConfig:
     tokenizer_timeout_s: float = 5.0
     # Health turns NOT_SERVING when the engine thread is stuck in one step this long.
     engine_stall_s: float = DEFAULT_STALL_S
+    # An engine process that sends no heartbeat this long is killed and restarted (0: never).
+    engine_restart_s: float = DEFAULT_RESTART_S
     security: Security = field(default_factory=Security)
     # The connection to the tokenizer service: TLS when tokenizer_tls or tokenizer_tls_ca.
     tokenizer_tls: bool = False
     tokenizer_tls_ca: str | None = None
     tokenizer_auth_token: str | None = None
     single_process: bool = False  # the engine as a thread of the server (debugging)
+    # gRPC frontend processes on the port (None: default_frontends for the device)
+    frontends: int | None = None
+    # frontend 0's private folder (core socket, metrics files): set by the CLI, before
+    # prometheus_client is imported, when several frontends may run (frontends.prepare)
+    runtime: Runtime | None = None
     # engine.max_batch_size from the backend instead (--max-batch-size not given)
     auto_max_batch_size: bool = False
 
@@ -507,21 +531,52 @@ async def _stop_ids_from_tokenizer(
 
 
 async def _start_engine(
-    cfg: ServerConfig, on_state
+    cfg: ServerConfig, on_state, slot: FrontendSlot | None, multi: bool
 ) -> tuple[Engine | EngineClient, ModelDescription]:
-    """The engine, started: in its own process, or as a thread here (single_process)."""
+    """The engine, started: in its own process (frontend 0; listening for the other frontends
+    when `multi`), attached to that process (frontends 1..N-1), or as a thread here
+    (single_process)."""
     spec = cfg.engine_spec()
     if cfg.single_process:
         built = await asyncio.to_thread(build_engine, spec)
         built.engine.start()
         return built.engine, ModelDescription(source=built.source, dtype=built.dtype)
-    client = EngineClient(spec, on_state=on_state)
+    if slot is not None:
+        client = EngineClient(spec, on_state, address=slot.core, attach=True)
+    else:
+        address = cfg.runtime.core if multi and cfg.runtime is not None else None
+        client = EngineClient(spec, on_state, address=address,
+                              restart_stalled_s=cfg.engine_restart_s)  # fmt: skip
     await asyncio.to_thread(client.start)
     return client, ModelDescription(source=client.info.source, dtype=client.info.dtype)
 
 
-async def serve(cfg: ServerConfig) -> int:
-    """Raises ValueError (bad TLS files) or OSError (port taken) when it cannot start."""
+def _may_run_several(cfg: ServerConfig) -> bool:
+    """Whether frontend 0 binds for several frontends; says why not when asked for them."""
+    wanted = cfg.frontends is not None and cfg.frontends > 1
+    if not multi_frontend_possible(cfg.frontends, cfg.engine.device, cfg.single_process):
+        if wanted and cfg.single_process:
+            log.warning("--frontends %d ignored: --single-process runs one frontend", cfg.frontends)
+        elif wanted:
+            log.warning("--frontends %d needs Linux (SO_REUSEPORT spreads the connections); "
+                        "serving with 1 frontend", cfg.frontends)  # fmt: skip
+        return False
+    if cfg.runtime is None or not multiprocess_metrics():
+        if wanted:
+            log.warning("--frontends %d needs the multiprocess metrics folder (started "
+                        "without the kuiper CLI?); serving with 1 frontend", cfg.frontends)  # fmt: skip
+        return False
+    return True
+
+
+async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
+    """Raises ValueError (bad TLS files) or OSError (port taken) when it cannot start. `slot`:
+    run as frontend slot.index (>= 1) of frontend 0's server."""
+    multi = slot is not None or _may_run_several(cfg)
+    port = slot.port if slot is not None else cfg.port
+    if slot is None and multi and port_in_use(cfg.host, port):
+        raise OSError(f"cannot listen on {cfg.host}:{port} (port in use?)")
+    me = f"frontend {slot.index}: " if slot is not None else ""
     metrics = InferenceMetrics(model_name=model_name(cfg.engine.model))  # before the slow load
     credentials = cfg.security.credentials()
     # Before the slow model load, so an unreadable CA file fails at once.
@@ -540,7 +595,7 @@ async def serve(cfg: ServerConfig) -> int:
         interceptors=cfg.security.interceptors(count_rejections(metrics.requests)),
         options=[
             ("grpc.max_receive_message_length", transport_limit),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if multi else 0),  # several frontends share the port
             *connection_age_options(cfg.max_connection_age_s),
         ],
     )
@@ -550,12 +605,13 @@ async def serve(cfg: ServerConfig) -> int:
     # Listen first: a taken port fails at once, and health says NOT_SERVING while loading.
     front = LoadingServicer(transport_limit)
     front.add_to_server(server)
-    bound = add_port(server, f"{cfg.host}:{cfg.port}", credentials)
+    bound = add_port(server, f"{cfg.host}:{port}", credentials)
     if bound == 0:
-        raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use?)")
+        raise OSError(f"cannot listen on {cfg.host}:{port} (port in use?)")
     await server.start()
     t0 = time.monotonic()
-    log.info("loading model %s ...", cfg.engine.model or "(default)")
+    if slot is None:
+        log.info("loading model %s ...", cfg.engine.model or "(default)")
     loop = asyncio.get_running_loop()
     serving = asyncio.Event()  # set once warmed up; engine restarts toggle health after it
     draining = False
@@ -570,7 +626,7 @@ async def serve(cfg: ServerConfig) -> int:
         loop.call_soon_threadsafe(apply)
 
     try:
-        engine, model = await _start_engine(cfg, on_engine_state)
+        engine, model = await _start_engine(cfg, on_engine_state, slot, multi)
     except BaseException:
         # Stop the listening server here, on its loop: left to the garbage collector it
         # schedules AioServer.shutdown on a closed loop (asyncio noise after the real error).
@@ -579,7 +635,8 @@ async def serve(cfg: ServerConfig) -> int:
             await tokenizer.close()
         raise
     where = "" if cfg.single_process else f" (engine process {engine.pid})"
-    log.info("loaded %s in %.1fs%s", model.source, time.monotonic() - t0, where)
+    if slot is None:
+        log.info("loaded %s in %.1fs%s", model.source, time.monotonic() - t0, where)
     metrics.kv_total.set(engine.num_blocks)
     metrics.block_size = engine.backend.block_size
     engine.add_stats_listener(metrics.on_step)
@@ -588,7 +645,10 @@ async def serve(cfg: ServerConfig) -> int:
     front.max_request_bytes = cfg.max_request_bytes or max_request_bytes(engine.max_model_len)
     front.ready = servicer
     # Same interface as gRPC, and the same rule as the tokenizer: 0 a free port, < 0 none.
-    metrics_port = metrics.serve(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
+    # Frontend 0 serves /metrics: in multiprocess mode every frontend's series, summed.
+    metrics_port = None
+    if slot is None and cfg.metrics_port >= 0:
+        metrics_port = metrics.serve(cfg.metrics_port, cfg.host)
 
     # Warm up: one tiny generation, so the first client does not pay for lazy setup.
     t0 = time.monotonic()
@@ -596,7 +656,7 @@ async def serve(cfg: ServerConfig) -> int:
     await asyncio.to_thread(
         engine.generate, [warm_prompt], SamplingParams(max_new_tokens=2, temperature=0.0), 600
     )
-    log.info("warm-up done in %.1fs", time.monotonic() - t0)
+    log.info("%swarm-up done in %.1fs", me, time.monotonic() - t0)
     stop_ids_task = asyncio.create_task(_stop_ids_from_tokenizer(engine, tokenizer))
     # Stop ids and the sampling limit in place before the first request when the tokenizer
     # answers soon; a tokenizer still starting up does not hold up health (retried above).
@@ -606,33 +666,50 @@ async def serve(cfg: ServerConfig) -> int:
         watch_engine(engine, server_health.set_serving, cfg.engine_stall_s)
     )
     serving.set()
-    log.info(
-        "SERVING %s on %s, %d KV blocks x %d tokens, batch <= %d; listening on %s:%d (%s)%s, "
-        "tokenizer at %s",
-        model.source, engine.backend.device_name, engine.num_blocks,
-        engine.backend.block_size, engine.config.max_batch_size, cfg.host, bound,
-        cfg.security.describe(),
-        f", metrics on http://{cfg.host}:{metrics_port}/metrics" if metrics_port else "",
-        tokenizer.address,
-    )  # fmt: skip
+    pool: FrontendPool | None = None
+    count = slot.count if slot is not None else 1
+    if slot is None and multi:
+        count = cfg.frontends or default_frontends(engine.backend.device_name)
+        if count > 1:
+            assert cfg.runtime is not None
+            pool = FrontendPool(cfg, count, bound, cfg.runtime.core)
+            await asyncio.to_thread(pool.start)
+    if slot is not None:
+        log.info("frontend %d of %d SERVING (pid %d) on %s:%d", slot.index, slot.count,
+                 os.getpid(), cfg.host, bound)  # fmt: skip
+    else:
+        log.info(
+            "SERVING %s on %s, %d KV blocks x %d tokens, batch <= %d; listening on %s:%d (%s)%s, "
+            "tokenizer at %s; %d frontend process(es)",
+            model.source, engine.backend.device_name, engine.num_blocks,
+            engine.backend.block_size, engine.config.max_batch_size, cfg.host, bound,
+            cfg.security.describe(),
+            f", metrics on http://{cfg.host}:{metrics_port}/metrics" if metrics_port else "",
+            tokenizer.address, count,
+        )  # fmt: skip
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("draining: finishing %d stream(s) (grace %gs)", servicer.num_streams, cfg.grace_s)
+    log.info("%sdraining: finishing %d stream(s) (grace %gs)", me, servicer.num_streams,
+             cfg.grace_s)  # fmt: skip
     servicer.draining = draining = True
+    if pool is not None:
+        pool.terminate()  # the other frontends drain too
     await server_health.enter_graceful_shutdown()
     deadline = time.monotonic() + cfg.grace_s
     while servicer.num_streams and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await server.stop(max(0.0, deadline - time.monotonic()))
+    if pool is not None:  # their streams still need the engine core
+        await asyncio.to_thread(pool.join, max(0.0, deadline - time.monotonic()) + 5.0)
     stop_ids_task.cancel()
     watchdog.cancel()
     await servicer.router.stop()
     await asyncio.to_thread(engine.stop)
     with contextlib.suppress(Exception):
         await tokenizer.close()
-    log.info("inference service stopped")
+    log.info("%sinference service stopped", me)
     return 0

@@ -18,6 +18,9 @@ from typing import Protocol
 log = logging.getLogger("kuiper.inference")
 
 DEFAULT_STALL_S = 60.0  # longer than any legitimate step (a long prefill chunk, graph capture)
+# An engine process this long without a heartbeat is killed and restarted by the frontend
+# that started it (engine_core/client.py); the single-process engine cannot be.
+DEFAULT_RESTART_S = 120.0
 
 
 class _Beating(Protocol):

@@ -38,6 +38,7 @@ INFERENCE = {
     "kuiper_inference_kv_cache_usage_perc": "gauge",
     "kuiper_inference_kv_blocks_used": "gauge",
     "kuiper_inference_kv_blocks_total": "gauge",
+    "kuiper_inference_frontend_streams": "gauge",
     "kuiper_inference_prefix_cache_hits": "counter",
     "kuiper_inference_prefix_cache_queries": "counter",
     "kuiper_inference_num_preemptions": "counter",

@@ -73,11 +73,30 @@ def register(subparsers) -> None:
 
 
 def cmd_serve_inference(args: argparse.Namespace) -> int:
+    from inference_service import frontends
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.frontends is not None and args.frontends < 1:
+        print(f"kuiper serve-inference: --frontends must be >= 1, got {args.frontends}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    apply_threads_flag(args)
+    # Several frontends: a private folder (engine socket, metrics files) and prometheus_client
+    # in multiprocess mode, set up before anything imports it.
+    runtime = None
+    if frontends.multi_frontend_possible(args.frontends, args.device, args.single_process):
+        runtime = frontends.prepare()
+    try:
+        return _serve(args, runtime)
+    finally:
+        if runtime is not None:
+            frontends.cleanup(runtime)
+
+
+def _serve(args: argparse.Namespace, runtime) -> int:
     from inference_service.server import ServerConfig, serve
     from kuiper_serve.common.auth import Security
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    apply_threads_flag(args)
     try:
         cfg = ServerConfig(
             engine=engine_config(args),
@@ -87,6 +106,9 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             max_request_bytes=args.max_request_bytes,
             engine_stall_s=args.engine_stall_timeout,
+            engine_restart_s=args.engine_restart_timeout,
+            frontends=args.frontends,
+            runtime=runtime,
             grace_s=args.grace,
             max_connection_age_s=args.max_connection_age,
             single_process=args.single_process,

@@ -292,6 +292,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--max-waiting", str(args.max_waiting),
         "--max-batched-tokens", str(args.max_batched_tokens), "--grace", str(args.grace),
         "--engine-stall-timeout", str(args.engine_stall_timeout),
+        "--engine-restart-timeout", str(args.engine_restart_timeout),
     ]  # fmt: skip
     # Same TLS and token on both; the token travels in the environment (not seen in ps).
     tls_ca = (args.tls_ca or args.tls_cert) if args.tls_cert else None
@@ -306,6 +307,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         inf_cmd += ["--max-batch-size", str(args.max_batch_size)]
     if args.single_process:
         inf_cmd += ["--single-process"]
+    if args.frontends is not None:
+        inf_cmd += ["--frontends", str(args.frontends)]
     if args.kv_memory is not None:
         inf_cmd += ["--kv-memory", str(args.kv_memory)]
     if args.num_kv_blocks is not None:
