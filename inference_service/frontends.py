@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,37 +134,26 @@ class FrontendSlot:
     core: CoreAddress
 
 
-def frontend_main(cfg, slot: FrontendSlot) -> None:
-    """Entry point of frontends 1..N-1 (multiprocessing, spawn)."""
-    import asyncio
-
-    from inference_service.server import serve
-
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s frontend{slot.index} %(name)s %(levelname)s %(message)s",
-    )
-    # Frontend 0 forwards SIGTERM (drain); if it dies without doing so, drain anyway.
+def watch_parent() -> None:
+    """In frontends 1..N-1: frontend 0 forwards SIGTERM (drain); if it dies without doing
+    so, drain anyway."""
     parent = multiprocessing.parent_process()
-    if parent is not None:
+    if parent is None:
+        return
 
-        def orphaned() -> None:
-            parent.join()
-            os.kill(os.getpid(), signal.SIGTERM)
+    def orphaned() -> None:
+        parent.join()
+        os.kill(os.getpid(), signal.SIGTERM)
 
-        threading.Thread(target=orphaned, name="kuiper-parent-watch", daemon=True).start()
-    try:
-        code = asyncio.run(serve(cfg, slot))
-    except (ValueError, OSError, RuntimeError) as exc:
-        log.error("frontend %d cannot serve: %s", slot.index, exc)
-        code = 1
-    sys.exit(code)
+    threading.Thread(target=orphaned, name="kuiper-parent-watch", daemon=True).start()
 
 
 class FrontendPool:
-    """Frontend 0's children: frontends 1..count-1, restarted (with backoff) when one dies."""
+    """Frontend 0's children: frontends 1..count-1, restarted (with backoff) when one dies.
+    `target(cfg, slot)` is what each runs (server.frontend_main)."""
 
-    def __init__(self, cfg, count: int, port: int, core: CoreAddress):
+    def __init__(self, target: Callable, cfg, count: int, port: int, core: CoreAddress):
+        self.target = target
         self.cfg = cfg
         self.count = count
         self.port = port
@@ -190,7 +180,7 @@ class FrontendPool:
     def _spawn(self, index: int) -> None:
         slot = FrontendSlot(index, self.count, self.port, self.core)
         proc = self._ctx.Process(
-            target=frontend_main, args=(self.cfg, slot), name=f"kuiper-frontend-{index}"
+            target=self.target, args=(self.cfg, slot), name=f"kuiper-frontend-{index}"
         )
         proc.start()
         with self._lock:

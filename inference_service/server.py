@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from inference_service.frontends import (
     multi_frontend_possible,
     multiprocess_metrics,
     port_in_use,
+    watch_parent,
 )
 from inference_service.metrics import FINISHED_REASON, InferenceMetrics
 from inference_service.router import Delta, OutputRouter, RpcError
@@ -602,13 +604,20 @@ async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
     server_health = ServerHealth(server, SERVICE_NAME)
     await server_health.set_serving(False)
 
-    # Listen first: a taken port fails at once, and health says NOT_SERVING while loading.
     front = LoadingServicer(transport_limit)
     front.add_to_server(server)
-    bound = add_port(server, f"{cfg.host}:{port}", credentials)
-    if bound == 0:
-        raise OSError(f"cannot listen on {cfg.host}:{port} (port in use?)")
-    await server.start()
+
+    async def listen() -> int:
+        bound = add_port(server, f"{cfg.host}:{port}", credentials)
+        if bound == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{port} (port in use?)")
+        await server.start()
+        return bound
+
+    # Frontend 0 listens first: a taken port fails at once, and health says NOT_SERVING while
+    # loading. The others join the port once they can serve (no connection lands on one
+    # that is still attaching).
+    bound = await listen() if slot is None else port
     t0 = time.monotonic()
     if slot is None:
         log.info("loading model %s ...", cfg.engine.model or "(default)")
@@ -662,6 +671,8 @@ async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
     # answers soon; a tokenizer still starting up does not hold up health (retried above).
     await asyncio.wait({stop_ids_task}, timeout=5.0)
     await server_health.set_serving(True)
+    if slot is not None:
+        await listen()
     watchdog = asyncio.create_task(
         watch_engine(engine, server_health.set_serving, cfg.engine_stall_s)
     )
@@ -672,7 +683,7 @@ async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
         count = cfg.frontends or default_frontends(engine.backend.device_name)
         if count > 1:
             assert cfg.runtime is not None
-            pool = FrontendPool(cfg, count, bound, cfg.runtime.core)
+            pool = FrontendPool(frontend_main, cfg, count, bound, cfg.runtime.core)
             await asyncio.to_thread(pool.start)
     if slot is not None:
         log.info("frontend %d of %d SERVING (pid %d) on %s:%d", slot.index, slot.count,
@@ -713,3 +724,18 @@ async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
         await tokenizer.close()
     log.info("%sinference service stopped", me)
     return 0
+
+
+def frontend_main(cfg: ServerConfig, slot: FrontendSlot) -> None:
+    """Entry point of frontends 1..N-1 (multiprocessing, spawn; started by frontend 0)."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s frontend{slot.index} %(name)s %(levelname)s %(message)s",
+    )
+    watch_parent()
+    try:
+        code = asyncio.run(serve(cfg, slot))
+    except (ValueError, OSError, RuntimeError) as exc:
+        log.error("frontend %d cannot serve: %s", slot.index, exc)
+        code = 1
+    sys.exit(code)
