@@ -24,6 +24,7 @@ from inference_service.build import build_engine
 from inference_service.config import EngineConfig
 from inference_service.engine.engine import QueueFullError, RequestOutput
 from inference_service.engine.stop_strings import StopStringMatcher
+from inference_service.engine_core.build import widest_batch_engine
 from inference_service.sampling.params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -72,7 +73,8 @@ class LLM:
     ) -> None:
         """max_context bounds prompt + generated tokens (default: the model's context). The
         KV pool defaults to one full context (config.num_kv_blocks / kv_memory_mb give more,
-        for batches of long generations)."""
+        for batches of long generations). Without `config` the batch is as wide as the
+        server's default: the backend's widest (256 CUDA, 32 CPU), at most the KV blocks."""
         base = config or EngineConfig()
         self.config = dataclasses.replace(
             base,
@@ -83,7 +85,8 @@ class LLM:
         )
         built = build_engine(self.config, one_context_kv=True)
         self.model = built.model  # config and source; the backend holds the weights
-        self.engine = built.engine
+        self.engine = built.engine if config is not None else widest_batch_engine(built.engine)
+        self.config = self.engine.config
         self.max_context = self.engine.max_model_len
         self.tokenizer = _load_tokenizer_or_none(built.path)
         eos = set(self.model.config.eos_token_ids)

@@ -51,6 +51,23 @@ def test_long_prompt_is_prefilled_in_chunks(tiny):
         assert small.generate_ids(ids, GREEDY) == hf_greedy(hf, ids, 24)
 
 
+def test_batch_width_is_the_servers_default(tiny):
+    """kuiper generate --local runs LLM(model, device): as wide a batch as the server's default
+    (the backend's widest, at most the KV pool's blocks), not EngineConfig's 32."""
+    from inference_service.engine_core.build import default_max_batch_size
+
+    llm, _ = tiny
+    assert llm.engine.config.max_batch_size == default_max_batch_size(llm.engine.backend) == 32
+    # a one-context KV pool of 16 tokens in blocks of 8: 2 blocks, so 2 sequences at most
+    with LLM(llm.model.source, device="cpu", max_context=16, block_size=8) as narrow:
+        assert narrow.engine.backend.num_blocks == 2
+        assert narrow.engine.config.max_batch_size == 2
+        assert narrow.config.max_batch_size == 2
+    # an explicit config keeps its own width
+    with LLM(llm.model.source, config=EngineConfig(max_batch_size=4)) as given:
+        assert given.engine.config.max_batch_size == 4
+
+
 def test_a_list_of_prompts_runs_batched(tiny):
     llm, hf = tiny
     prompts = [prompt(10 + i, 5 + 3 * i) for i in range(5)]

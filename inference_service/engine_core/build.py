@@ -59,11 +59,17 @@ def build_engine(spec: EngineSpec) -> BuiltEngine:
         ) from None
     engine = built.engine
     if spec.auto_max_batch_size:
-        width = default_max_batch_size(engine.backend)
-        config = dataclasses.replace(
-            config,
-            max_batch_size=width,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, width),
-        )
-        engine = Engine(engine.backend, config)  # the first one never started
+        engine = widest_batch_engine(engine)
     return BuiltEngine(engine, str(built.path), built.model.dtype)
+
+
+def widest_batch_engine(engine: Engine) -> Engine:
+    """An engine (not started) over the same backend whose max_batch_size is the backend's
+    widest batch (default_max_batch_size): the server's default, and `LLM`'s."""
+    width = default_max_batch_size(engine.backend)
+    config = dataclasses.replace(
+        engine.config,
+        max_batch_size=width,
+        max_num_batched_tokens=max(engine.config.max_num_batched_tokens, width),
+    )
+    return Engine(engine.backend, config)  # the first one never started
