@@ -23,6 +23,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -209,6 +210,8 @@ def start_servers(model: Path, args, engine_flags: list[str]):
     ]  # fmt: skip
     if args.single_process:
         inf_cmd.append("--single-process")
+    if args.frontends is not None:
+        inf_cmd += ["--frontends", str(args.frontends)]
     inf = spawn(inf_cmd, "inference")
     procs = {"tokenizer": tok, "inference": inf}
     try:
@@ -218,7 +221,7 @@ def start_servers(model: Path, args, engine_flags: list[str]):
         print((logs / "inference.log").read_text(errors="replace")[-3000:], file=sys.stderr)
         stop_servers(procs)
         raise
-    return f"127.0.0.1:{inf_port}", procs
+    return f"127.0.0.1:{inf_port}", procs, logs / "inference.log"
 
 
 def stop_servers(procs: dict[str, subprocess.Popen]) -> None:
@@ -232,19 +235,27 @@ def stop_servers(procs: dict[str, subprocess.Popen]) -> None:
                 p.kill()
 
 
-def server_pids(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
-    """tokenizer, inference (the gRPC frontend) and, split mode, its engine-core child."""
+def server_pids(procs: dict[str, subprocess.Popen], log: Path | None) -> dict[str, int]:
+    """tokenizer, inference (frontend 0), and from its log: frontends 1..N-1 and, split
+    mode, the engine core (the inference process's spawned children)."""
     pids = {name: p.pid for name, p in procs.items()}
-    tasks = Path(f"/proc/{procs['inference'].pid}/task")
-    for task in tasks.iterdir() if tasks.exists() else []:
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"multiprocessing" in cmd and b"resource_tracker" not in cmd:
-                pids["engine"] = int(child)
+
+    def scan() -> tuple[str, dict[str, str], int]:
+        text = log.read_text(errors="replace") if log is not None else ""
+        m = re.search(r"; (\d+) frontend process\(es\)", text)  # frontend 0's SERVING line
+        serving = dict(re.findall(r"frontend (\d+) of \d+ SERVING \(pid (\d+)\)", text))
+        return text, serving, int(m.group(1)) if m else 1
+
+    text, serving, count = scan()
+    deadline = time.monotonic() + 60  # frontends 1..N-1 start once frontend 0 serves
+    while len(serving) < count - 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        text, serving, count = scan()
+    for index, pid in sorted(serving.items()):
+        pids[f"frontend{index}"] = int(pid)
+    engine = re.findall(r"\(engine process (\d+)\)", text)
+    if engine:
+        pids["engine"] = int(engine[-1])
     return pids
 
 
@@ -279,6 +290,9 @@ def main() -> int:
                         help="default: enough for the largest N (same for both paths)")  # fmt: skip
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--max-batched-tokens", type=int, default=512)
+    parser.add_argument("--frontends", type=int, default=None,
+                        help="gRPC frontend processes of the started server (default: the "
+                        "server's: 1 on the CPU, 4 on a GPU)")  # fmt: skip
     parser.add_argument("--single-process", action="store_true",
                         help="serve with the engine thread inside the gRPC process")  # fmt: skip
     parser.add_argument("--no-engine", action="store_true", help="skip the engine-alone runs")
@@ -323,14 +337,17 @@ def main() -> int:
         engine_flags += ["--max-batch-size", str(args.max_batch_size)]
     print(f"model {model} ({args.random or 'given'}, built in {time.monotonic() - t_build:.0f}s), "
           f"device {args.device}, {args.prompt_len}-token id prompts, {args.new_tokens} new "
-          f"tokens per stream, greedy, ignore_eos; {num_blocks} KV blocks", flush=True)  # fmt: skip
+          f"tokens per stream, greedy, ignore_eos; {num_blocks} KV blocks; frontends "
+          f"{'1 (--single-process)' if args.single_process else args.frontends or 'default'}",
+          flush=True)  # fmt: skip
 
     procs: dict[str, subprocess.Popen] = {}
+    log = None
     if args.address:
         address = args.address
     else:
-        address, procs = start_servers(model, args, engine_flags)
-    pids = server_pids(procs) if procs else {}
+        address, procs, log = start_servers(model, args, engine_flags)
+    pids = server_pids(procs, log) if procs else {}
     engine = None
     if not args.no_engine:
         width = args.max_batch_size or EngineConfig.max_batch_size
