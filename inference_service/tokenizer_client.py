@@ -112,24 +112,27 @@ class TokenizerClient:
 
     async def encode(
         self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False
-    ) -> list[int]:
+    ) -> Sequence[int]:
+        """The ids of text (the response's repeated field: a caller that may refuse a long
+        prompt checks its length before converting it)."""
         req = tpb.EncodeRequest(
             texts=[text],
             add_special_tokens=add_special_tokens,
             split_special_tokens=split_special_tokens,
         )
         resp = await self._call(self.stub.Encode, req)
-        return list(resp.results[0].ids)
+        return resp.results[0].ids
 
     async def apply_chat_template(
         self, messages: Sequence[tuple[str, str]]
-    ) -> tuple[str, list[int]]:
+    ) -> tuple[str, Sequence[int]]:
+        """The prompt's text and ids (a repeated field, as encode's)."""
         req = tpb.ChatTemplateRequest(
             messages=[tpb.ChatMessage(role=r, content=c) for r, c in messages],
             add_generation_prompt=True,
         )
         resp = await self._call(self.stub.ApplyChatTemplate, req)
-        return resp.text, list(resp.ids)
+        return resp.text, resp.ids
 
     async def info(self, timeout_s: float | None = None) -> TokenizerInfo:
         resp = await self._call(

@@ -10,6 +10,11 @@ DEFAULT_MAX_NEW_TOKENS = 256
 # zero overflow float32 to inf and sampling turns to NaN. Below them: refused.
 MIN_TEMPERATURE = 1e-5  # other than 0 (greedy)
 MIN_REPETITION_PENALTY = 1e-2
+# Stop conditions are matched on every step of the request, on the server's event loop (stop
+# strings) and in the engine (ids): their number and size bound that per-step work.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -58,14 +63,26 @@ class SamplingParams:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise ValueError(f"seed must be between 0 and 2**64 - 1, got {self.seed}")
+        check_stop_counts(len(self.stop), len(self.stop_token_ids))
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(
                     f"stop_token_ids {bad} are outside the vocabulary (0..{vocab_size - 1})"
                 )
+
+
+def check_stop_counts(num_stop: int, num_stop_token_ids: int) -> None:
+    """Raise ValueError when there are more stop strings or stop ids than allowed (a caller
+    can check the counts of a parsed request before it converts the lists themselves)."""
+    if num_stop > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {num_stop}")
+    if num_stop_token_ids > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids, got {num_stop_token_ids}")
 
 
 @dataclass(frozen=True)

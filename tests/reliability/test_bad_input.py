@@ -6,6 +6,7 @@ Oracles: gRPC's status codes; the servers' own answers to a good request right a
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -167,6 +168,91 @@ def test_huge_prompt_does_not_stall_other_streams(secured_stack, channels):
     still_serves(inf)
 
 
+def at_limit(build, limit: int) -> bytes:
+    """build(n) for the largest n whose request fits in `limit` bytes."""
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(build(mid)) <= limit else (lo, mid - 1)
+    return build(lo)
+
+
+# Requests of exactly the receive limit (about a million list entries each for the tiny
+# model's 2048-token context), each refused for what it holds: (payload, what the refusal says)
+def max_size_requests(limit: int) -> list[tuple[bytes, str]]:
+    stops = lambda n: _field(1, b"hi") + _field(3, _field(8, b"ab") * n)  # noqa: E731
+    stop_ids = lambda n: _field(1, b"hi") + _field(3, _field(9, b"\x01" * n))  # noqa: E731
+    return [
+        (at_limit(huge_token_ids_request, limit), "context length"),
+        (at_limit(stops, limit), "stop strings"),
+        (at_limit(stop_ids, limit), "stop_token_ids"),
+    ]
+
+
+class ChainedStreams(TimedStream):
+    """Generate streams one after the other on a thread (the tiny model ends a 2000-token
+    stream within a second), every message's arrival time in one list: a token flow that
+    lasts as long as a test needs. The gap between two streams is one request's latency."""
+
+    def __init__(self, stub) -> None:  # noqa: D107 (no TimedStream.__init__: no call yet)
+        self.times: list[float] = []
+        self.stub = stub
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        # 1000 tokens: the secured stack's KV pool holds 1024
+        long = ipb.SamplingParams(max_new_tokens=1000, temperature=0.0, ignore_eos=True)
+        request = ipb.GenerateRequest(text="a long story", sampling=long)
+        while not self.stopping:
+            self.call = self.stub.Generate(request, metadata=AUTH, timeout=60)
+            for _ in self.call:
+                self.times.append(time.monotonic())
+                if self.stopping:
+                    self.call.cancel()
+                    return
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.thread.join(30)
+
+
+def test_max_size_legal_request_does_not_stall_other_streams(secured_stack, channels):
+    """While requests at the receive limit arrive back to back (legal by size, refused for
+    what they hold: a million prompt ids, stop strings or stop ids), another stream's longest
+    wait between two tokens stays within a bound set by the same streams' gaps just before.
+    Before the fix the server converted and scanned every id of such a prompt on the event
+    loop (~0.3 s a request on 2 busy cores). What is left on the loop is protobuf's parse
+    (upb holds the GIL, so a worker thread would not free the loop): 5-25 ms a MiB."""
+    inf, _ = channels
+    limit = 2048 * 5 + (1 << 20)
+    payloads = max_size_requests(limit)
+    assert all(limit - 4 <= len(p) <= limit for p, _ in payloads)
+    stream = ChainedStreams(igrpc.InferenceServiceStub(inf))
+    wait_until(lambda: len(stream.times) > 5, what="the first tokens")
+    # The bound: the worst gap the same streams showed over as long a window just before.
+    base_start = time.monotonic()
+    time.sleep(1.5)
+    start = time.monotonic()
+    normal = stream.max_gap(base_start, start)
+    sent = 0
+    while time.monotonic() - start < 1.5:
+        payload, says = payloads[sent % len(payloads)]
+        err = status_of(lambda p=payload: raw_unary_stream(inf, INFERENCE, "Generate", p))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+        assert says in err.details(), err.details()
+        sent += 1
+    end = time.monotonic()
+    gap = stream.max_gap(start, end)
+    stream.stop()
+    print(f"max-size requests: {sent} in {end - start:.2f}s; other stream's longest gap "
+          f"{1e3 * gap:.0f} ms (before them: {1e3 * normal:.0f} ms)")  # fmt: skip
+    assert sent >= len(payloads)
+    assert gap <= max(4 * normal, normal + 0.1), (gap, normal)
+    still_serves(inf)
+
+
 # ---- finding 4 and the token check before parsing --------------------------------------------
 @pytest.mark.parametrize(
     "headers",
@@ -268,6 +354,37 @@ def test_sampling_at_the_floors_is_finite_and_greedy():
         assert out.token_id == int(np.argmax(penalized))
         assert np.isfinite(out.logprob) and len(out.top_logprobs) == 5
         assert all(np.isfinite(lp) for _, lp in out.top_logprobs)
+
+
+# ---- stop conditions: bounded, since they are matched on every step ---------------------------
+@pytest.mark.parametrize("over", [False, True], ids=["at-the-limits", "over"])
+@pytest.mark.parametrize("field", ["stop-count", "stop-chars", "stop-ids"])
+def test_stop_condition_limits(channels, field, over):
+    from inference_service.sampling.params import (
+        MAX_STOP_STRING_CHARS,
+        MAX_STOP_STRINGS,
+        MAX_STOP_TOKEN_IDS,
+    )
+
+    inf, _ = channels
+    extra = int(over)
+    kwargs = {
+        "stop-count": dict(stop=[f"never{i}" for i in range(MAX_STOP_STRINGS + extra)]),
+        "stop-chars": dict(stop=["z" * (MAX_STOP_STRING_CHARS + extra)]),
+        "stop-ids": dict(stop_token_ids=[3] * (MAX_STOP_TOKEN_IDS + extra)),
+    }[field]
+    sampling = ipb.SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True, **kwargs)
+    call = lambda: list(  # noqa: E731
+        igrpc.InferenceServiceStub(inf).Generate(
+            ipb.GenerateRequest(text="hi", sampling=sampling), metadata=AUTH, timeout=30
+        )
+    )
+    if not over:
+        assert len(call()) >= 1
+        return
+    err = status_of(call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most" in err.details() and "stop" in err.details(), err.details()
 
 
 # ---- finding 6: deadlines are counted as such ------------------------------------------------

@@ -107,9 +107,9 @@ type SamplingParams struct {
 	// Same seed, same parameters and prompt: same output. Unset: random.
 	Seed *uint64 `protobuf:"varint,7,opt,name=seed,proto3,oneof" json:"seed,omitempty"`
 	// Stop when the generated text contains one of these; the stop string is
-	// not included in the returned text.
+	// not included in the returned text. At most 16, of at most 256 characters.
 	Stop []string `protobuf:"bytes,8,rep,name=stop,proto3" json:"stop,omitempty"`
-	// Stop when one of these ids is generated (it is returned).
+	// Stop when one of these ids is generated (it is returned). At most 1024.
 	StopTokenIds []uint32 `protobuf:"varint,9,rep,packed,name=stop_token_ids,json=stopTokenIds,proto3" json:"stop_token_ids,omitempty"`
 	// Keep going past the model's end-of-sequence tokens.
 	IgnoreEos bool `protobuf:"varint,10,opt,name=ignore_eos,json=ignoreEos,proto3" json:"ignore_eos,omitempty"`
