@@ -31,6 +31,15 @@ def secured_stack(tiny_model):  # noqa: F811
         yield stack
 
 
+def rss_mb(pid: int) -> float:
+    """The resident memory of process pid, in MB (Linux /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def wait_until(pred, timeout: float = 20.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not pred():

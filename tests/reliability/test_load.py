@@ -16,21 +16,13 @@ import pytest
 import reliability_util
 from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
-from reliability_util import AUTH, long_mode, wait_until
+from reliability_util import AUTH, long_mode, rss_mb, wait_until
 from serving_stack import run_stack
 
 secured_stack = reliability_util.secured_stack  # fixtures
 tiny_model = reliability_util.tiny_model
 
 STREAMS = 256
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 async def _one(stub, i: int, tokens: int) -> tuple[str, int]:
