@@ -52,11 +52,25 @@ RESTART_MAX_S = 30.0
 
 def default_frontends(device_name: str, cpus: int | None = None) -> int:
     """1 on the CPU backend (the engine needs the cores); on a GPU GPU_FRONTENDS, at most
-    the machine's cores minus two."""
+    the cores this process may use minus two."""
     if device_name == "cpu":
         return 1
-    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    cpus = cpus if cpus is not None else available_cpus()
     return max(1, min(GPU_FRONTENDS, cpus - 2))
+
+
+def available_cpus() -> int:
+    """Cores this process may run on: its CPU affinity, and in a container with a CPU limit
+    (cgroup v2 cpu.max) that limit rounded up."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    return cpus
 
 
 def multi_frontend_possible(requested: int | None, device: str, single_process: bool) -> bool:

@@ -85,7 +85,12 @@ def cmd_serve_inference(args: argparse.Namespace) -> int:
     # in multiprocess mode, set up before anything imports it.
     runtime = None
     if frontends.multi_frontend_possible(args.frontends, args.device, args.single_process):
-        runtime = frontends.prepare()
+        try:
+            runtime = frontends.prepare()
+        except OSError as exc:  # no writable temporary folder: serve with one frontend
+            logging.getLogger("kuiper.inference").warning(
+                "several frontends need a private temporary folder (%s); serving with 1", exc
+            )
     try:
         return _serve(args, runtime)
     finally:
