@@ -225,7 +225,11 @@ def test_streams_spread_over_both_frontends_then_queue_full_then_cancel(stack, s
 def test_deadlines_on_every_frontend(stack, security):
     for i in range(6):
         with channel(stack, security) as ch, pytest.raises(grpc.RpcError) as err:
-            list(generate(ch, f"deadline {i}", timeout=0.5))
+            grpc.channel_ready_future(ch).result(
+                timeout=10
+            )  # connected: the deadline is the call's
+            # 0.2 s: well short of 1800 tokens (about 0.5 s alone on a quiet machine)
+            list(generate(ch, f"deadline {i}", timeout=0.2))
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     kv_back_to_zero(stack)
 
@@ -270,7 +274,10 @@ def test_killing_one_frontend_leaves_the_other_serving(stack, security):
             with channel(stack, security) as ch:
                 assert len(greedy(ch, "still there", 3)) == 3
         alive = [i for i, e in enumerate(streams.errors) if e is None]
-        assert len(alive) == on_first and all(streams.tokens[i] > before[i] for i in alive)
+        assert len(alive) == on_first
+        # still streaming, or already done with every token
+        assert all(streams.tokens[i] > before[i] or streams.tokens[i] == LONG.max_new_tokens
+                   for i in alive), (before, streams.tokens)  # fmt: skip
         assert health_status(stack.address, INFERENCE_SERVICE,
                              credentials=stack.inference.credentials) == SERVING  # fmt: skip
     finally:
