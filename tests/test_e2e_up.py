@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from servers import free_port, health_status, kuiper_command, server_env
@@ -44,10 +46,12 @@ def test_up_demo_streams_the_default_model_answer(smollm2_gguf, tmp_path):
 
 
 def test_up_serves_until_sigint_then_stops_both(tiny_model):  # noqa: F811
+    """With --frontends 2 passed on to the inference service: Ctrl-C stops both of its
+    frontend processes too."""
     inf_port, tok_port = free_port(), free_port()
     cmd = kuiper_command(
         "up", "--model", str(tiny_model), "--device", "cpu", "--port", str(inf_port),
-        "--tokenizer-port", str(tok_port), "--metrics-port", "0",
+        "--tokenizer-port", str(tok_port), "--metrics-port", "0", "--frontends", "2",
     )  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=server_env())  # fmt: skip
@@ -66,9 +70,15 @@ def test_up_serves_until_sigint_then_stops_both(tiny_model):  # noqa: F811
         assert f"tokenizer-{tok_port}.log" in out and f"inference-{inf_port}.log" in out, out
         assert health_status(f"127.0.0.1:{inf_port}") == 1  # SERVING
         assert health_status(f"127.0.0.1:{tok_port}") == 1
+        log = Path(re.search(r"log: (\S+inference-\d+\.log)", out).group(1))
+        deadline = time.monotonic() + 60  # frontend 1 starts once frontend 0 serves
+        while "frontend 1 of 2 SERVING" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, "".join(lines) + rest
+        assert re.search(r"frontend1 .*inference service stopped", log.read_text())
         assert health_status(f"127.0.0.1:{inf_port}") is None  # both gone
         assert health_status(f"127.0.0.1:{tok_port}") is None
     finally:
