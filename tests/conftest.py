@@ -12,9 +12,16 @@ import pytest
 from servers import REPO_ROOT, free_port  # noqa: F401
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: see below
 def pytest_collection_modifyitems(config, items):
     # Long reliability runs only when asked for (-m long); CI runs the short mode.
-    if "long" not in (config.getoption("-m") or ""):
+    # `pytest -m long tests/reliability` is the suite's long mode: every reliability test runs
+    # (scaled up where it reads reliability_util.long_mode), not only those marked long.
+    if "long" in (config.getoption("-m") or ""):
+        for item in items:
+            if "reliability" in item.path.parts:
+                item.add_marker(pytest.mark.long)
+    else:
         skip_long = pytest.mark.skip(reason="long run: select it with -m long")
         for item in items:
             if item.get_closest_marker("long"):

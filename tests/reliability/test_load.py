@@ -103,5 +103,6 @@ def test_soak(tiny_model):  # noqa: F811
     out = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "soak.py"), "--model",
                           str(tiny_model), "--duration", "300", "--concurrency", "64"],
                          capture_output=True, text=True, env=server_env(), timeout=900)  # fmt: skip
+    print(out.stdout)  # the figures (pytest -s shows them)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "unexpected statuses: 0" in out.stdout
