@@ -9,8 +9,8 @@ marked request alone (the product has no such hooks):
   $KUIPER_TEST_POISON_LOGPROBS of them.
 
 The patches are applied at import, outside the `__main__` guard: multiprocessing's spawn start
-method runs this script again (as `__mp_main__`) in the engine-core process, so the backend
-there is poisoned too, as it is in `--single-process`.
+method runs this script again (as `__mp_main__`) in the engine-core process and in the extra
+frontend processes (`--frontends N`), so they are poisoned too, as `--single-process` is.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import sys
 
-from inference_service import server
+from kuiper.v1 import inference_pb2 as ipb
+
 from inference_service.backends.numpy_backend import NumpyBackend
 from inference_service.engine.stop_strings import StopStringMatcher
 
@@ -28,7 +29,7 @@ POISON_LOGPROBS = int(os.environ["KUIPER_TEST_POISON_LOGPROBS"])
 
 _step = NumpyBackend.step
 _feed = StopStringMatcher.feed
-_logprobs_proto = server._logprobs_proto
+_TokenLogprob = ipb.TokenLogprob
 
 
 def _poisoned_step(self, batch):
@@ -43,15 +44,18 @@ def _poisoned_feed(self, delta):
     return _feed(self, delta)
 
 
-def _poisoned_logprobs_proto(samples):
-    if any(len(s.top_logprobs) == POISON_LOGPROBS for s in samples):
+def _poisoned_token_logprob(**fields):
+    # the server's response encoding (server._logprobs_proto) builds one per token; patched
+    # here, not in server.py, whose import must wait (it imports prometheus_client, which
+    # `--frontends N` sets up first)
+    if len(fields.get("top", ())) == POISON_LOGPROBS:
         raise ValueError("poisoned logprobs")
-    return _logprobs_proto(samples)
+    return _TokenLogprob(**fields)
 
 
 NumpyBackend.step = _poisoned_step
 StopStringMatcher.feed = _poisoned_feed
-server._logprobs_proto = _poisoned_logprobs_proto
+ipb.TokenLogprob = _poisoned_token_logprob
 
 if __name__ == "__main__":
     from kuiper_serve.cli.main import main

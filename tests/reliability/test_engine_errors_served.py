@@ -1,5 +1,5 @@
 """One request's engine error through the served stack, with the engine in its own process
-(the default) and with `--single-process`: the client of the failing request gets INTERNAL
+(the default), with `--single-process` and with two frontend processes: the client of the failing request gets INTERNAL
 with a message that says what happened; streams running beside it finish OK with the same
 ids they get when run again without it; the server logs one line and no traceback; no KV
 block stays in use.
@@ -36,9 +36,16 @@ CLEAN_TOKENS = 300
 INTERNAL_KEY = 'kuiper_inference_requests_total{code="INTERNAL",method="Generate"}'
 
 
-@pytest.fixture(scope="module", params=["engine-process", "single-process"])
+LAYOUTS = {
+    "engine-process": [],
+    "single-process": ["--single-process"],
+    "two-frontends": ["--frontends", "2"],  # a client lands on either
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def poisoned_stack(request, tiny_model):  # noqa: F811
-    layout = ["--single-process"] if request.param == "single-process" else []
+    layout = LAYOUTS[request.param]
     with run_stack(tiny_model, "--num-kv-blocks", "512", "--block-size", "8",
                    "--max-batch-size", "8", *layout, launcher=LAUNCHER,
                    env={"KUIPER_TEST_POISON_ID": str(POISON), "KUIPER_TEST_POISON_STOP": POISON_STOP,
