@@ -270,7 +270,8 @@ def main() -> int:
         print(f"  {kind:9s} {code:20s} {n}")
     print(f"unexpected statuses: {len(soak.unexpected)} {Counter(soak.unexpected).most_common(5)}")
     print(f"tokenizer killed and restarted at half time: back in {restart_s:.1f} s; "
-          f"streams running then that finished OK: {survived} of {len(soak.survivors)}")  # fmt: skip
+          f"streams running then that finished OK: {survived} of {len(soak.survivors)} "
+          f"{dict(Counter(soak.survivors.values()))}")  # fmt: skip
     print(f"time to first token p50 {percentile(soak.ttft, 0.5) * 1000:.0f} ms, "
           f"p99 {percentile(soak.ttft, 0.99) * 1000:.0f} ms; longest wait between two tokens of a "
           f"stream p50 {percentile(soak.gaps, 0.5) * 1000:.0f} ms, "

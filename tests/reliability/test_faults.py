@@ -138,14 +138,18 @@ def test_random_cancellations_and_deadlines(stack, request):
     want = {"finish": "OK", "cancel": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}
     assert results == [want[p] for p in plans]
 
-    def counted() -> bool:
+    def counts() -> dict[str, tuple[int, int]]:
+        """code: (counted by the server since the start, wanted)"""
         now = stack.metrics()
-        return all(
-            now.get(key % code, 0) - before.get(key % code, 0) == plans.count(plan)
+        return {
+            code: (int(now.get(key % code, 0) - before.get(key % code, 0)), plans.count(plan))
             for plan, code in (("cancel", "CANCELLED"), ("deadline", "DEADLINE_EXCEEDED"))
-        )
+        }
 
-    wait_until(counted, 20, "the server to count every cancellation and deadline")
+    try:
+        wait_until(lambda: all(got == want for got, want in counts().values()), 20)
+    except AssertionError:
+        raise AssertionError(f"the server's counts (got, wanted): {counts()}") from None
     wait_until(lambda: stack.metrics().get("kuiper_inference_kv_blocks_used") == 0, 20,
                "KV blocks back to 0")  # fmt: skip
 
