@@ -12,18 +12,6 @@ from inference_service.sampling.params import SampleOutput, SamplingParams
 from inference_service.sampling.sampler import uniform_for
 
 
-def test_fast_uniforms_equal_uniform_for():
-    rng = np.random.default_rng(0)
-    seeds = [0, 1, 2**32 - 1, 2**63 + 5, 2**64 - 1, -1, -(2**63)] + rng.integers(
-        0, 2**62, 20
-    ).tolist()
-    for seed in seeds:
-        for step in (0, 1, 7, 2**31, 2**64 - 1):
-            assert cs.fast_uniform_for(seed, step) == uniform_for(seed, step), (seed, step)
-    u = cs.fast_uniform_for(None, 0)  # unseeded: fresh entropy, still in [0, 1)
-    assert 0.0 <= u < 1.0
-
-
 def test_pack_rows_layout():
     vocab = 1000
     params = [
@@ -146,3 +134,13 @@ def test_pack_rows_equals_the_row_by_row_reference(seed):
             assert u[r] == 0.0
         elif p.seed is not None:
             assert u[r] == uniform_for(p.seed, steps[r])
+
+
+def test_vectorized_uniforms_equal_uniform_for():
+    rng = np.random.default_rng(1)
+    seeds = [0, 1, 2**32 - 1, 2**63 + 5, 2**64 - 1, -1, -(2**63)]
+    seeds += rng.integers(0, 2**63, 199).tolist()
+    steps = [0, 1, 7, 2**31, 2**64 - 1, 3] + rng.integers(0, 2**40, 200).tolist()
+    got = cs.uniforms_for(seeds, steps)
+    want = [uniform_for(s, t) for s, t in zip(seeds, steps, strict=True)]
+    assert got.tolist() == want

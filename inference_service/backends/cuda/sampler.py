@@ -15,14 +15,12 @@ finish() reads the results after the caller has synchronized it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from inference_service.sampling.params import SampleOutput, SamplingParams
-from inference_service.sampling.sampler import uniform_for
 
 # Must match the SP_* / SAMPLE_* defines in cuda_kernels/sampling.cu.
 PARAM_WORDS = 12
@@ -46,32 +44,38 @@ def supported(params: SamplingParams, vocab: int) -> bool:
     )
 
 
-class _Uniforms(threading.local):
-    """uniform_for(seed, step) for seeded rows, without building a Philox generator per call
-    (about 30 us each): one generator per thread whose key and counter are reset per draw.
-    The same numbers as uniform_for (tests/test_cuda_sampler.py checks)."""
-
-    def __init__(self) -> None:
-        self._bg = np.random.Philox(key=np.zeros(2, np.uint64))
-        self._gen = np.random.Generator(self._bg)
-
-    def __call__(self, seed: int | None, step: int) -> float:
-        if seed is None:
-            return uniform_for(None, step)
-        key = np.array([seed & _U64, step & _U64], dtype=np.uint64)
-        self._bg.state = {
-            "bit_generator": "Philox",
-            "state": {"counter": np.zeros(4, np.uint64), "key": key},
-            "buffer": np.zeros(4, np.uint64),
-            "buffer_pos": 4,
-            "has_uint32": 0,
-            "uinteger": 0,
-        }
-        return float(self._gen.random())
-
-
 _U64 = (1 << 64) - 1
-fast_uniform_for = _Uniforms()
+
+# Philox4x64-10 (Salmon et al., as numpy's Philox bit generator runs it).
+_PHILOX_M = (np.uint64(0xD2E7470EE14C6C93), np.uint64(0xCA5A826395121157))
+_PHILOX_W = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBB67AE8584CAA73B))
+_LO32, _32 = np.uint64(0xFFFFFFFF), np.uint64(32)
+
+
+def _mulhilo(a: np.uint64, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(high, low) 64-bit words of the 128-bit products a * b, from 32-bit halves."""
+    a_lo, a_hi, b_lo, b_hi = a & _LO32, a >> _32, b & _LO32, b >> _32
+    lo_lo, lo_hi, hi_lo = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo
+    mid = (lo_lo >> _32) + (lo_hi & _LO32) + (hi_lo & _LO32)
+    return a_hi * b_hi + (lo_hi >> _32) + (hi_lo >> _32) + (mid >> _32), a * b
+
+
+def uniforms_for(seeds: Sequence[int], steps: Sequence[int]) -> np.ndarray:
+    """uniform_for(seed, step) of many seeded rows at once: numpy's Philox keyed by (seed,
+    step) with a zero counter makes its first four words from counter 1; random() is the first
+    word's top 53 bits. Equal to uniform_for (tests/test_cuda_sampler.py checks)."""
+    with np.errstate(over="ignore"):
+        k0 = np.array([s & _U64 for s in seeds], np.uint64)
+        k1 = np.array([s & _U64 for s in steps], np.uint64)
+        zero = np.zeros_like(k0)
+        c0, c1, c2, c3 = zero + np.uint64(1), zero, zero, zero
+        for i in range(10):
+            if i:
+                k0, k1 = k0 + _PHILOX_W[0], k1 + _PHILOX_W[1]
+            hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+            hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return (c0 >> np.uint64(11)).astype(np.float64) * (1.0 / 2.0**53)
 
 
 def pack_rows(
@@ -87,7 +91,8 @@ def pack_rows(
     A row: SP_ROW .. SP_HIST_LEN as int32, a pad word, SP_TEMP .. SP_PENALTY as float32, SP_U
     as float64 (byte 40: 8-byte aligned); each field is written for all rows at once. History
     ids are only sent for rows whose penalty is on, with ids outside the vocabulary dropped
-    here (the kernel skips duplicates). u is drawn with uniform_for unless given (tests);
+    here (the kernel skips duplicates). u is uniform_for(seed, step) (uniforms_for, all seeded
+    rows at once), fresh entropy without a seed, or given (tests);
     greedy rows draw nothing, as in sampler.sample."""
     n = len(params)
     if not len(logits_rows) == len(histories) == len(steps) == n:
@@ -111,12 +116,16 @@ def pack_rows(
     f32[:, SP_TOPP] = [p.top_p for p in params]
     f32[:, SP_MINP] = [p.min_p for p in params]
     f32[:, SP_PENALTY] = [p.repetition_penalty for p in params]
-    if uniforms is None:
-        uniforms = [0.0 if p.greedy else fast_uniform_for(p.seed, step)
-                    for p, step in zip(params, steps, strict=True)]  # fmt: skip
+    u = head.view(np.float64)[:, SP_U // 2]  # greedy rows keep 0: they draw nothing
+    if uniforms is not None:
+        u[:] = [0.0 if p.greedy else x for p, x in zip(params, uniforms, strict=True)]
     else:
-        uniforms = [0.0 if p.greedy else u for p, u in zip(params, uniforms, strict=True)]
-    head.view(np.float64)[:, SP_U // 2] = uniforms
+        seeded = [r for r, p in enumerate(params) if not p.greedy and p.seed is not None]
+        fresh = [r for r, p in enumerate(params) if not p.greedy and p.seed is None]
+        if seeded:
+            u[seeded] = uniforms_for([params[r].seed for r in seeded], [steps[r] for r in seeded])
+        if fresh:
+            u[fresh] = np.random.default_rng().random(len(fresh))
     present = [h for h in hists if h is not None]
     if present:
         buf[n * PARAM_WORDS :] = np.concatenate(present)
