@@ -8,7 +8,6 @@ decode token), and returns, for every item that asked for it, the sampled token.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -91,63 +90,33 @@ def check_batch(
     max_model_len: int | None = None,
 ) -> None:
     """Refuse a batch a backend cannot run, naming the sequence: every backend checks the same
-    things, so a bad batch fails alike on the CPU and the GPU (never wraps or reads garbage).
-
-    The whole batch is checked at once with numpy; only a batch that fails is gone through
-    item by item (_check_item), for the message of its first bad item."""
-    if not batch:
-        return
-    n = len(batch)
-    lens = np.fromiter((len(it.token_ids) for it in batch), np.int64, n)
-    ends = np.fromiter((it.start_pos for it in batch), np.int64, n) + lens
-    tables = [it.block_table for it in batch]
-    table_lens = np.fromiter(map(len, tables), np.int64, n)
-    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(table_lens.sum()))
-    # Each table's blocks that hold the step's positions: its first ceil(end / block_size).
-    table_row = np.repeat(np.arange(n), table_lens)
-    col = np.arange(flat.size) - (np.cumsum(table_lens) - table_lens)[table_row]
-    used = col < -(-ends // block_size)[table_row]
-    if lens.min() > 0 and int(lens.sum()) == n:  # decode: one token each
-        ids = np.fromiter((it.token_ids[0] for it in batch), np.int64, n)
-    else:
-        ids = np.concatenate([np.asarray(it.token_ids, np.int64) for it in batch])
-    ok = (
-        lens.min() > 0
-        and (table_lens * block_size >= ends).all()
-        and (max_model_len is None or ends.max() <= max_model_len)
-        and not (used & ((flat < 0) | (flat >= num_blocks))).any()
-        and (ids.size == 0 or (ids.min() >= 0 and ids.max() < vocab_size))
-    )
-    if not ok:
-        for item in batch:
-            _check_item(item, block_size, num_blocks, vocab_size, max_model_len)
-        raise AssertionError("check_batch: the batch check and the item checks disagree")
-
-
-def _check_item(
-    item: BatchItem, block_size: int, num_blocks: int, vocab_size: int, max_model_len: int | None
-) -> None:
-    """check_batch for one item, raising ValueError with the reason."""
-    n = len(item.token_ids)
-    if n == 0:
-        raise ValueError(f"sequence {item.seq_id}: no tokens to run")
-    end = item.start_pos + n
-    if len(item.block_table) * block_size < end:
-        raise ValueError(
-            f"sequence {item.seq_id}: block table of {len(item.block_table)} blocks "
-            f"cannot hold {end} positions (block size {block_size})"
-        )
-    if max_model_len is not None and end > max_model_len:
-        raise ValueError(
-            f"sequence {item.seq_id}: {end} positions exceed the backend's "
-            f"maximum of {max_model_len}"
-        )
-    used = item.block_table[: -(-end // block_size)]
-    if min(used) < 0 or max(used) >= num_blocks:
-        raise ValueError(f"sequence {item.seq_id}: block id out of range 0..{num_blocks - 1}")
-    ids = np.asarray(item.token_ids)
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise ValueError(f"sequence {item.seq_id}: token id out of range 0..{vocab_size - 1}")
+    things, so a bad batch fails alike on the CPU and the GPU (never wraps or reads garbage)."""
+    for item in batch:
+        n = len(item.token_ids)
+        if n == 0:
+            raise ValueError(f"sequence {item.seq_id}: no tokens to run")
+        end = item.start_pos + n
+        if len(item.block_table) * block_size < end:
+            raise ValueError(
+                f"sequence {item.seq_id}: block table of {len(item.block_table)} blocks "
+                f"cannot hold {end} positions (block size {block_size})"
+            )
+        if max_model_len is not None and end > max_model_len:
+            raise ValueError(
+                f"sequence {item.seq_id}: {end} positions exceed the backend's "
+                f"maximum of {max_model_len}"
+            )
+        used = item.block_table[: -(-end // block_size)]
+        if min(used) < 0 or max(used) >= num_blocks:
+            raise ValueError(f"sequence {item.seq_id}: block id out of range 0..{num_blocks - 1}")
+        if n == 1:  # decode: plain ints are cheaper than numpy reductions
+            tok = int(item.token_ids[0])
+            bad_id = tok < 0 or tok >= vocab_size
+        else:
+            ids = np.asarray(item.token_ids)
+            bad_id = ids.min() < 0 or ids.max() >= vocab_size
+        if bad_id:
+            raise ValueError(f"sequence {item.seq_id}: token id out of range 0..{vocab_size - 1}")
 
 
 def check_batch_for(backend: Backend, batch: list[BatchItem]) -> None:
