@@ -32,9 +32,10 @@ def pack_inputs(h: np.ndarray, batch: list[BatchItem], rows: list[int], layout: 
     sample), block tables, prefill tiles. Items past len(batch) up to pad_to (graph padding) run
     token 0 at position 0 in the scratch block.
 
-    Whole-batch numpy: the items' fields are gathered once into flat arrays (one Python pass
-    over the batch, no per-item numpy calls), then every field is written in one operation."""
-    bs, n = block_size, len(batch)
+    Each field is written for the whole batch in one numpy assignment: a decode step's fields
+    are gathered with one list comprehension each (cheapest at every batch size), a step with
+    prefill chunks goes through flat arrays (_token_fields)."""
+    bs, n, W = block_size, len(batch), layout.width
     h[: layout.total] = 0
     T = layout.tokens
     ids = h[layout.ids : layout.ids + T]
@@ -42,43 +43,50 @@ def pack_inputs(h: np.ndarray, batch: list[BatchItem], rows: list[int], layout: 
     slots = h[layout.slots : layout.slots + T]
     tok_seq = h[layout.tok_seq : layout.tok_seq + T]
     out_rows = h[layout.out_rows : layout.out_rows + layout.rows]
-    bt = h[layout.block_tables : layout.block_tables + layout.seqs * layout.width]
-    bt = bt.reshape(layout.seqs, layout.width)
-    bt[:] = scratch_block
-
-    lens = np.fromiter((len(it.token_ids) for it in batch), np.int64, n)
-    starts = np.fromiter((it.start_pos for it in batch), np.int64, n)
+    bt = h[layout.block_tables : layout.block_tables + layout.seqs * W]
+    bt = bt.reshape(layout.seqs, W)
     tables = [it.block_table for it in batch]
-    table_lens = np.fromiter(map(len, tables), np.int64, n)
-    flat_tables = np.fromiter(itertools.chain.from_iterable(tables), np.int64,
-                              int(table_lens.sum()))  # fmt: skip
-    table_starts = np.cumsum(table_lens) - table_lens
-    t = int(lens.sum())  # real tokens; graph padding follows
-    if t == n:  # decode: one token each
-        ids[:n] = np.fromiter((it.token_ids[0] for it in batch), np.int64, n)
-        p, seq_of = starts, np.arange(n)
+    if all(len(it.token_ids) == 1 for it in batch):  # decode: one token per item
+        t = n
+        p = [it.start_pos for it in batch]
+        ids[:n] = [it.token_ids[0] for it in batch]
+        pos[:n] = p
+        slots[:n] = [table[q // bs] * bs + q % bs for table, q in zip(tables, p, strict=True)]
+        tok_seq[:n] = last = np.arange(n)
     else:
-        ids[:t] = np.concatenate([np.asarray(it.token_ids) for it in batch])
-        seq_of = np.repeat(np.arange(n), lens)
-        first_row = np.cumsum(lens) - lens
-        p = np.arange(t) - first_row[seq_of] + starts[seq_of]
-    pos[:t] = p
-    slots[:t] = flat_tables[table_starts[seq_of] + p // bs] * bs + p % bs
-    tok_seq[:t] = seq_of
-    # Block tables, cut at the layout's width.
-    widths = np.minimum(table_lens, layout.width)
-    table_row = np.repeat(np.arange(n), widths)
-    col = np.arange(int(widths.sum())) - (np.cumsum(widths) - widths)[table_row]
-    bt[table_row, col] = flat_tables[table_starts[table_row] + col]
-    # Graph padding: token 0 at position 0 in the scratch block, one per padded item.
-    pad = pad_to - n
-    slots[t : t + pad] = scratch_block * bs
-    tok_seq[t : t + pad] = np.arange(n, pad_to)
-    last = np.cumsum(lens) - 1
+        t, last = _token_fields(batch, tables, bs, ids, pos, slots, tok_seq)
+    # Block tables cut at the width; the rest of a row names the scratch block.
+    bt[:n] = [table[:W] + [scratch_block] * (W - len(table)) for table in tables]
     out_rows[: len(rows)] = last[rows]
-    out_rows[len(rows) : len(rows) + pad] = np.arange(t, t + pad)
+    pad = pad_to - n
+    if pad:  # graph padding: token 0 at position 0 in the scratch block, one per padded item
+        bt[n:] = scratch_block
+        slots[t : t + pad] = scratch_block * bs
+        tok_seq[t : t + pad] = range(n, pad_to)
+        out_rows[len(rows) : len(rows) + pad] = range(t, t + pad)
     if tiles:
         h[layout.prefill_tiles : layout.total] = np.asarray(tiles, np.int32).ravel()
+
+
+def _token_fields(batch: list[BatchItem], tables: list[list[int]], bs: int, ids: np.ndarray,
+                  pos: np.ndarray, slots: np.ndarray,
+                  tok_seq: np.ndarray) -> tuple[int, np.ndarray]:  # fmt: skip
+    """pack_inputs' token fields of a step with prefill chunks, from flat arrays over the
+    batch; returns (tokens, the row of each item's last token)."""
+    n = len(batch)
+    lens = np.fromiter((len(it.token_ids) for it in batch), np.int64, n)
+    starts = np.fromiter((it.start_pos for it in batch), np.int64, n)
+    table_lens = np.fromiter(map(len, tables), np.int64, n)
+    flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(table_lens.sum()))
+    t = int(lens.sum())
+    seq_of = np.repeat(np.arange(n), lens)
+    ends = np.cumsum(lens)
+    p = np.arange(t) - (ends - lens)[seq_of] + starts[seq_of]
+    ids[:t] = np.concatenate([np.asarray(it.token_ids) for it in batch])
+    pos[:t] = p
+    slots[:t] = flat[(np.cumsum(table_lens) - table_lens)[seq_of] + p // bs] * bs + p % bs
+    tok_seq[:t] = seq_of
+    return t, ends - 1
 
 
 def eager_input_layout(batch: list[BatchItem], n_rows: int, max_width: int,
