@@ -141,6 +141,7 @@ def test_vectorized_uniforms_equal_uniform_for():
     seeds = [0, 1, 2**32 - 1, 2**63 + 5, 2**64 - 1, -1, -(2**63)]
     seeds += rng.integers(0, 2**63, 199).tolist()
     steps = [0, 1, 7, 2**31, 2**64 - 1, 3] + rng.integers(0, 2**40, 200).tolist()
-    got = cs.uniforms_for(seeds, steps)
     want = [uniform_for(s, t) for s, t in zip(seeds, steps, strict=True)]
-    assert got.tolist() == want
+    assert cs.philox_uniforms(seeds, steps).tolist() == want  # all rows at once
+    assert cs.uniforms_for(seeds, steps).tolist() == want
+    assert cs.uniforms_for(seeds[:5], steps[:5]).tolist() == want[:5]  # row by row
