@@ -22,6 +22,9 @@ class EngineConfig:
     max_waiting: int = 256  # accepted requests not yet scheduled, at most
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the backend's (the model's context length)
+    # Schedule step N+1 while step N runs (backends with step_async, see backends/base.py);
+    # False keeps the synchronous loop (the default, and for debugging).
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

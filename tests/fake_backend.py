@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from concurrent.futures import Future
 
 import numpy as np
 
-from inference_service.backends.base import BatchItem
+from inference_service.backends.base import BatchItem, StepWorker
 from inference_service.models.config import ModelConfig
 from inference_service.sampling.params import SampleOutput
 
@@ -79,6 +80,8 @@ class FakeBackend:
         self.fail_next = False
         self.closed = False
         self._event = threading.Event()
+        self._worker: StepWorker | None = None
+        self.in_step = False
 
     def _run(self, item: BatchItem) -> list[int]:
         bs = self.block_size
@@ -105,8 +108,24 @@ class FakeBackend:
                 outs.append(SampleOutput(oracle_next(tokens, self.config.vocab_size)))
         return outs
 
+    def step_async(self, batch: list[BatchItem]) -> Future[list[SampleOutput | None]]:
+        """step() in a worker thread (engines with overlap_steps); in_step says when it runs."""
+        if self._worker is None:
+            self._worker = StepWorker("fake-step")
+        return self._worker.submit(self._step_in_worker, batch)
+
+    def _step_in_worker(self, batch: list[BatchItem]) -> list[SampleOutput | None]:
+        self.in_step = True
+        try:
+            return self.step(batch)
+        finally:
+            self.in_step = False
+
     def logits(self, batch: list[BatchItem]) -> np.ndarray:
         raise NotImplementedError
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
         self.closed = True

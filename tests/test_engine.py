@@ -1,5 +1,6 @@
 """The engine thread: batching, queue bound, cancellation, failures, asyncio streams, and
-greedy output equal to transformers' for a tiny random Llama through the numpy backend."""
+greedy output equal to transformers' for a tiny random Llama through the numpy backend; each
+with the synchronous loop and with overlapped steps (EngineConfig.overlap_steps)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ def wait_for(pred, timeout=10.0):
         time.sleep(0.002)
 
 
-@pytest.fixture
-def make_engine():
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def make_engine(request):
+    """Engines with the synchronous loop, then with overlapped steps (both backends used
+    here have step_async): every test runs in both modes."""
     engines = []
 
     def make(backend, **cfg):
-        eng = Engine(backend, EngineConfig(**cfg))
+        eng = Engine(backend, EngineConfig(overlap_steps=request.param, **cfg))
+        assert eng.overlap is request.param
         eng.start()
         engines.append(eng)
         return eng
@@ -97,7 +101,8 @@ def test_waiting_queue_bound(make_engine):
         eng.submit([5, 6], long)
     eng.abort(a)
     eng.abort(b)
-    wait_for(lambda: eng.last_stats.kv_blocks_used == 0 and eng.num_waiting_requests == 0)
+    wait_for(lambda: eng.last_stats is not None and eng.last_stats.kv_blocks_used == 0
+             and eng.num_waiting_requests == 0)  # fmt: skip
     eng.submit([5, 6], SamplingParams(max_new_tokens=1))  # room again
 
 
@@ -126,6 +131,39 @@ def test_backend_failure_fails_that_batch_only(make_engine):
         eng.generate([[1, 2]], GREEDY, timeout=10)
     assert eng.generate([[1, 2]], GREEDY, timeout=10)[0] == oracle_generate([1, 2], 12, VOCAB)
     assert eng.last_stats.kv_blocks_used == 0
+
+
+def test_a_request_the_backend_fails_on_fails_alone(make_engine):
+    # The backend raises on every step that holds request 3: in both loops (the overlapped one
+    # retries the failed step's items in halves, as the synchronous one does) request 3 ends
+    # with an error and the others get exactly the oracle's tokens.
+    class Poisoned(FakeBackend):
+        def step(self, batch):
+            if any(item.seq_id == 3 for item in batch):
+                raise RuntimeError("poisoned")
+            return super().step(batch)
+
+    backend = Poisoned(num_blocks=40, block_size=4, vocab_size=VOCAB)
+    eng = make_engine(backend, max_batch_size=8, max_num_batched_tokens=24)
+    got: dict[int, list[int]] = {}
+    ends: dict[int, RequestOutput] = {}
+
+    def listen(outs):
+        for o in outs:
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                ends[o.request_id] = o
+
+    eng.add_output_listener(listen)
+    prompts = [[i + 1, 2 * i + 1, 5] for i in range(6)]
+    ids = [eng.submit(p, GREEDY) for p in prompts]
+    wait_for(lambda: len(ends) == len(ids))
+    for rid, p in zip(ids, prompts, strict=True):
+        if rid == 3:
+            assert ends[rid].finish_reason is FinishReason.ERROR and ends[rid].error
+        else:
+            assert ends[rid].error is None and got[rid] == oracle_generate(p, 12, VOCAB)
+    wait_for(lambda: eng.last_stats is not None and eng.last_stats.kv_blocks_used == 0)
 
 
 def test_async_engine_streams_per_request(make_engine):
@@ -212,3 +250,33 @@ def test_max_model_len_comes_from_the_backend_and_stop_closes_it(make_engine):
     assert eng.generate([prompt], params, timeout=30)[0] == oracle_generate(prompt, 6, VOCAB)
     eng.stop()
     assert backend.closed
+
+
+def test_overlapped_steps_schedule_while_the_backend_runs():
+    backend = FakeBackend(num_blocks=64, block_size=4, vocab_size=VOCAB, step_delay_s=0.003)
+    eng = Engine(backend, EngineConfig(overlap_steps=True, max_batch_size=8))
+    during: list[bool] = []
+    schedule = eng.scheduler.schedule
+
+    def spy():
+        during.append(backend.in_step)
+        return schedule()
+
+    eng.scheduler.schedule = spy
+    eng.start()
+    try:
+        prompts = [[i + 1, i + 2, i + 3] for i in range(6)]
+        outs = eng.generate(prompts, GREEDY, timeout=30)
+    finally:
+        eng.stop()
+    assert outs == [oracle_generate(p, 12, VOCAB) for p in prompts]
+    assert sum(during) >= 10  # most steps were scheduled while the one before still ran
+    assert backend.closed and eng.last_stats.kv_blocks_used == 0
+
+
+def test_overlap_needs_step_async():
+    class NoAsync(FakeBackend):
+        step_async = None  # type: ignore[assignment]
+
+    eng = Engine(NoAsync(num_blocks=8, block_size=4), EngineConfig(overlap_steps=True))
+    assert eng.overlap is False  # falls back to the synchronous loop

@@ -1,7 +1,8 @@
 """Issue 12: batched outputs equal one-by-one outputs on the CPU backend (a tiny random Llama
 through the numpy backend), for mixed prompt lengths with shared and unshared prefixes, with
 chunked prefill beside decodes, and under preemption with a tiny KV pool; greedy and seeded
-sampling (a seeded draw depends on (seed, step) alone, so batching must not change it)."""
+sampling (a seeded draw depends on (seed, step) alone, so batching must not change it); and
+overlapped steps (EngineConfig.overlap_steps) give the synchronous loop's tokens."""
 
 from __future__ import annotations
 
@@ -49,11 +50,15 @@ def params(i: int, sampled: bool) -> SamplingParams:
                           repetition_penalty=1.0 if i % 2 else 1.2, ignore_eos=True)  # fmt: skip
 
 
-def run(model, num_blocks: int, batched: bool, sampled: bool) -> tuple[list[list[int]], Engine]:
+def run(
+    model, num_blocks: int, batched: bool, sampled: bool, overlap: bool = False
+) -> tuple[list[list[int]], Engine]:
     from inference_service.backends import create_backend
 
     backend = create_backend(model, "cpu", num_blocks=num_blocks, block_size=BLOCK)
-    engine = Engine(backend, EngineConfig(max_batch_size=8, max_num_batched_tokens=16))
+    config = EngineConfig(max_batch_size=8, max_num_batched_tokens=16, overlap_steps=overlap)
+    engine = Engine(backend, config)
+    assert engine.overlap is overlap
     engine.batch_sizes = []  # type: ignore[attr-defined]
     engine.add_stats_listener(lambda s: engine.batch_sizes.append(s.batch_size))
     engine.start()
@@ -97,3 +102,17 @@ def test_batched_equals_one_by_one_with_shared_prefixes_and_preemption(model, sa
     assert tight == one_by_one
     assert tiny.scheduler.num_preemptions > 0
     assert all(len(o) == NEW for o in one_by_one)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_overlapped_steps_give_the_synchronous_tokens(model, sampled):
+    # Issue 12: the overlapped scheduler (step N+1 scheduled while N runs in the numpy
+    # backend's worker thread) gives the same tokens as the synchronous loop, one by one.
+    synchronous, _ = run(model, num_blocks=256, batched=False, sampled=sampled)
+    overlapped, roomy = run(model, num_blocks=256, batched=True, sampled=sampled, overlap=True)
+    assert overlapped == synchronous
+    assert max(roomy.batch_sizes) >= 4
+    tight, tiny = run(model, num_blocks=14, batched=True, sampled=sampled, overlap=True)
+    assert tight == synchronous
+    assert tiny.scheduler.num_preemptions > 0
+    assert tiny.last_stats.kv_blocks_used == 0

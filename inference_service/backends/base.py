@@ -8,6 +8,9 @@ decode token), and returns, for every item that asked for it, the sampled token.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,6 +69,46 @@ class Backend(Protocol):
         """Release what the calling thread holds (the engine thread calls it once, when it
         stops, before it ends: e.g. the CUDA context it pushed). Memory goes with the object."""
         ...
+
+
+class AsyncStepBackend(Backend, Protocol):
+    """Optional: a backend that runs a step in the background, so the engine can schedule the
+    next step meanwhile (EngineConfig.overlap_steps). Steps run in submission order, each after
+    the previous one has finished with the KV cache."""
+
+    def step_async(self, batch: list[BatchItem]) -> Future[list[SampleOutput | None]]:
+        """Start step(batch); the future holds its result (or its exception)."""
+        ...
+
+
+def can_step_async(backend: object) -> bool:
+    return callable(getattr(backend, "step_async", None))
+
+
+class StepWorker:
+    """A thread that runs a backend's steps one after another (step_async for backends whose
+    step computes on the host, e.g. numpy, whose matrix products release the GIL)."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    def submit(
+        self, step: Callable[[list[BatchItem]], list[SampleOutput | None]], batch: list[BatchItem]
+    ) -> Future[list[SampleOutput | None]]:
+        started = threading.Event()
+
+        def run() -> list[SampleOutput | None]:
+            started.set()
+            return step(batch)
+
+        future = self._pool.submit(run)
+        # Hand the GIL to the worker until the step has begun: otherwise the caller's own host
+        # work (scheduling the next step) runs first and the step only starts when it waits.
+        started.wait()
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def check_backend(backend: object) -> None:

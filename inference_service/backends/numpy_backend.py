@@ -14,10 +14,11 @@ sequences are concatenated); only attention loops over items, each reading its o
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 
 import numpy as np
 
-from inference_service.backends.base import BatchItem, check_batch_for
+from inference_service.backends.base import BatchItem, StepWorker, check_batch_for
 from inference_service.backends.cpu_kernels import QuantMatrix, set_threads, warm_up
 from inference_service.models.attention import SeqSpan
 from inference_service.models.config import ModelConfig
@@ -109,6 +110,7 @@ class NumpyBackend:
             warm_up()  # compile the kernels now, not during the first request
         self.inv_freq = rope_inv_freq(c)
         self.kv = KVCache.allocate(c, num_blocks, block_size, KV_DTYPE)
+        self._worker: StepWorker | None = None  # step_async's thread, made on first use
 
     # ------------------------------------------------------------------ public API
 
@@ -129,8 +131,18 @@ class NumpyBackend:
         logits[:, self.sample_vocab :] = -np.inf  # never sampled (as the CUDA backend's)
         return logits
 
+    def step_async(self, batch: list[BatchItem]) -> Future[list[SampleOutput | None]]:
+        """step() in this backend's worker thread (see base.AsyncStepBackend): numpy's matrix
+        products release the GIL, so the engine thread schedules the next step meanwhile."""
+        if self._worker is None:
+            self._worker = StepWorker("kuiper-numpy-step")
+        return self._worker.submit(self.step, batch)
+
     def close(self) -> None:
-        """Nothing to release: host memory goes with the object."""
+        """End the step worker, if any (host memory goes with the object)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
 
     # ------------------------------------------------------------------ batching
 

@@ -17,14 +17,15 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference_service.backends.base import Backend, BatchItem, check_backend
+from inference_service.backends.base import Backend, BatchItem, can_step_async, check_backend
 from inference_service.config import EngineConfig
 from inference_service.engine.block_manager import BlockManager
-from inference_service.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from inference_service.engine.scheduler import Scheduler, SchedulerOutput
 from inference_service.engine.sequence import FinishReason, Sequence
 from inference_service.errors import describe_error
 from inference_service.sampling.params import SampleOutput, SamplingParams
@@ -108,6 +109,14 @@ class Engine:
         self._stats_listeners: list[Callable[[StepStats], None]] = []
         self._thread: threading.Thread | None = None
         self._running = False
+        # Overlapped steps (config.overlap_steps, backends with step_async): the step running
+        # in the backend while the engine thread schedules the next one.
+        self.overlap = self.config.overlap_steps and can_step_async(backend)
+        if self.config.overlap_steps and not self.overlap:
+            log.info("%s has no step_async: steps run synchronously", type(backend).__name__)
+        self._inflight: (
+            tuple[SchedulerOutput, list[BatchItem], Future[list[SampleOutput | None]]] | None
+        ) = None
         self.last_stats: StepStats | None = None
         # When the engine thread last came round its loop (time.monotonic()): a value that
         # stops moving while the thread lives means a step is stuck (see watchdog.py).
@@ -232,11 +241,15 @@ class Engine:
                 if not self._drain_inbox(block=not self.scheduler.has_unfinished()):
                     break
                 if self.scheduler.has_unfinished():
-                    self._step()
+                    self._step_overlapped() if self.overlap else self._step()
         except Exception:  # a bug here must not leave clients hanging forever
             log.exception("engine loop crashed")
         finally:
             self._running = False
+            if self._inflight is not None:  # let the running step end before the KV is freed
+                with contextlib.suppress(Exception):
+                    self._inflight[2].result()
+                self._inflight = None
             self._emit(self._finish_outputs(self.scheduler.abort_all(), "engine stopped"))
             # The backend's per-thread device state (the CUDA context this thread pushed)
             # must be released by this thread, before it ends.
@@ -271,7 +284,7 @@ class Engine:
         outputs = self._finish_outputs(out.finished)
         samples: list[SampleOutput | None] = []
         if out.chunks:
-            samples, failures = self._run_isolating(out.chunks)
+            samples, failures = self._run_isolating(self._batch(out))
             if failures:
                 outputs += self._fail_chunks(out, failures)
                 samples = [s for i, s in enumerate(samples) if i not in failures]
@@ -287,23 +300,25 @@ class Engine:
         self._publish_stats(out, time.monotonic() - t0)
 
     def _run_isolating(
-        self, chunks: list[ScheduledChunk]
+        self, items: list[BatchItem], error: Exception | None = None
     ) -> tuple[list[SampleOutput | None], dict[int, Exception]]:
-        """backend.step over chunks. When it raises, the halves run again, and so on, until
-        every chunk that makes it raise is alone: (samples by chunk, None where it failed; the
-        error of each failed chunk by index). The retries are exact for the others: a chunk
+        """backend.step over items. When it raises, the halves run again, and so on, until
+        every item that makes it raise is alone: (samples by item, None where it failed; the
+        error of each failed item by index). The retries are exact for the others: an item
         run again rewrites the same KV positions with the same values, and a seeded draw
-        depends on (seed, BatchItem.step) alone, which a retry does not advance."""
-        try:
-            return self.backend.step(self._batch(SchedulerOutput(chunks=chunks))), {}
-        except Exception as exc:
-            if len(chunks) == 1:
-                log.debug("backend step failed on sequence %d", chunks[0].seq.seq_id,
-                          exc_info=True)  # fmt: skip
-                return [None], {0: exc}
-        mid = len(chunks) // 2
-        head, head_failed = self._run_isolating(chunks[:mid])
-        tail, tail_failed = self._run_isolating(chunks[mid:])
+        depends on (seed, BatchItem.step) alone, which a retry does not advance. `error`: a
+        run of these items already raised it (an overlapped step), so start with the halves."""
+        if error is None:
+            try:
+                return self.backend.step(items), {}
+            except Exception as exc:
+                error = exc
+        if len(items) == 1:
+            log.debug("backend step failed on sequence %d", items[0].seq_id, exc_info=error)
+            return [None], {0: error}
+        mid = len(items) // 2
+        head, head_failed = self._run_isolating(items[:mid])
+        tail, tail_failed = self._run_isolating(items[mid:])
         head_failed.update({mid + i: e for i, e in tail_failed.items()})
         return head + tail, head_failed
 
@@ -331,6 +346,53 @@ class Engine:
             )
         return outputs
 
+    def _step_overlapped(self) -> None:
+        """One step with the next one scheduled while it runs: the step launched last time
+        (self._inflight) runs in the backend while this thread schedules and builds the next
+        batch from the state it will leave (Scheduler.advance: its tokens computed, placeholders
+        for the tokens being sampled); then its results replace the placeholders
+        (Scheduler.resolve, which also patches the next batch's token ids: they are views of
+        the sequences' id buffers), what they finished leaves the next batch, and it starts."""
+        t0 = time.monotonic()
+        outputs: list[RequestOutput] = []
+        if self._inflight is None:  # nothing running: start the pipeline
+            first = self.scheduler.schedule()
+            outputs += self._finish_outputs(first.finished)
+            self._launch(first)
+            if self._inflight is None:
+                self._emit(outputs)
+                return
+        assert self._inflight is not None
+        out, items, running = self._inflight
+        self.scheduler.advance(out)
+        nxt = self.scheduler.schedule()
+        outputs += self._finish_outputs(nxt.finished)
+        batch = self._batch(nxt)
+        try:
+            samples = running.result()
+        except Exception as exc:  # find the request(s) that make it raise, as _step does
+            samples, failures = self._run_isolating(items, exc)
+            if failures:
+                outputs += self._fail_chunks(out, failures)
+        got = self.scheduler.resolve(out, samples)
+        outputs += [self._output(seq, [seq.output_ids[-1]]) for seq in got]
+        keep = [i for i, c in enumerate(nxt.chunks) if not c.seq.is_finished]
+        nxt.chunks = [nxt.chunks[i] for i in keep]
+        self._launch(nxt, [batch[i] for i in keep])
+        self._emit(outputs)
+        self._publish_stats(out, time.monotonic() - t0)
+
+    def _launch(self, out: SchedulerOutput, batch: list[BatchItem] | None = None) -> None:
+        """Start the step `out` in the backend (self._inflight), if it has any chunk."""
+        self._inflight = None
+        if out.chunks:
+            items = self._batch(out) if batch is None else batch
+            running = self.backend.step_async(items)  # type: ignore[attr-defined]
+            self._inflight = (out, items, running)
+        with self._lock:
+            for chunk in out.chunks:
+                self._unscheduled.discard(chunk.seq.seq_id)
+
     def _batch(self, out: SchedulerOutput) -> list[BatchItem]:
         """The step's items: views of each sequence's id buffer (no per-step copies of ids
         that did not change), its block table as it is."""
@@ -340,7 +402,7 @@ class Engine:
             seq = chunk.seq
             end = chunk.start_pos + chunk.num_tokens
             ids = seq.ids_array()
-            sampling = seq.sampling if end == len(ids) else None  # chunk.samples
+            sampling = seq.sampling if chunk.samples else None
             penalty = sampling is not None and sampling.repetition_penalty != 1.0
             items.append(
                 BatchItem(
@@ -349,8 +411,10 @@ class Engine:
                     start_pos=chunk.start_pos,
                     block_table=seq.block_table,
                     sampling=sampling,
-                    history=ids if penalty else no_history,
-                    step=len(seq.output_ids),
+                    history=ids[:end] if penalty else no_history,
+                    # generated tokens before the one sampled (placeholders of overlapped
+                    # steps past `end` do not count)
+                    step=end - seq.num_prompt_tokens if sampling is not None else 0,
                 )
             )
         return items

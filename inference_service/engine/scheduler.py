@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 
 from inference_service.config import EngineConfig
 from inference_service.engine.block_manager import BlockManager, PrefixMatch
-from inference_service.engine.sequence import FinishReason, Sequence, SequenceStatus
+from inference_service.engine.sequence import (
+    PLACEHOLDER,
+    FinishReason,
+    Sequence,
+    SequenceStatus,
+)
 from inference_service.sampling.params import SampleOutput
 
 
@@ -29,11 +34,12 @@ class ScheduledChunk:
     seq: Sequence
     start_pos: int  # = seq.num_computed_tokens when scheduled
     num_tokens: int
+    # The chunk reaches the sequence's last token, so the step samples a new one (decided when
+    # scheduled: with overlapped steps the sequence grows before the step's results are in).
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the sequence's last token, so the step samples a new one."""
-        return self.start_pos + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start_pos + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -206,6 +212,56 @@ class Scheduler:
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
         return finished
+
+    # ---- overlapped steps (Engine with overlap_steps) ---------------------------------------
+    def advance(self, out: SchedulerOutput) -> None:
+        """Take the step `out` as computed while it still runs, so that the next step can be
+        scheduled meanwhile: its chunks' tokens count as in the KV cache (the backend runs steps
+        in order, so they are before the next one reads them), and each sampling sequence gets
+        a placeholder for the token being sampled, which resolve() replaces."""
+        for chunk in out.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start_pos + chunk.num_tokens
+            self.bm.register_computed_blocks(seq)
+            if chunk.samples:
+                seq.output_ids.append(PLACEHOLDER)
+
+    def resolve(self, out: SchedulerOutput, samples: list[SampleOutput | None]) -> list[Sequence]:
+        """Put the sampled tokens of an advanced step in place of its placeholders; sequences
+        that ended while it ran (cancelled, or failed by the backend: fail()) get none. Return
+        the sequences that got a token; those that finished because of it are finished here,
+        as update() does."""
+        got: list[Sequence] = []
+        finished = ended = False
+        now = time.monotonic()
+        for chunk, sample in zip(out.chunks, samples, strict=True):
+            seq = chunk.seq
+            if not chunk.samples:
+                continue
+            if seq.is_finished:  # cancelled or failed while the step ran: no token
+                assert seq.output_ids[-1] == PLACEHOLDER
+                seq.output_ids.pop()
+                ended = True
+                continue
+            assert sample is not None, f"backend returned no sample for sequence {seq.seq_id}"
+            token = int(sample.token_id)
+            seq.set_last_output(token)
+            got.append(seq)
+            if seq.sampling.logprobs is not None:
+                seq.logprobs.append(sample)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = seq.check_finished(token)
+            if reason is not None:
+                if seq.status is SequenceStatus.WAITING:  # preempted while the step ran
+                    self.waiting.remove(seq)
+                self._finish(seq, reason)
+                finished = True
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        if ended:  # failed ones may have been preempted meanwhile: out of the queue too
+            self.waiting = deque(s for s in self.waiting if not s.is_finished)
+        return got
 
     def fail(self, seqs: list[Sequence]) -> list[Sequence]:
         """The backend raised on these sequences' chunks: end them with ERROR (their blocks

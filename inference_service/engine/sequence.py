@@ -10,6 +10,10 @@ import numpy as np
 
 from inference_service.sampling.params import SampleOutput, SamplingParams
 
+# The id of a token being sampled by a step still running (overlapped steps: the scheduler
+# plans the next step before the result is in; Scheduler.resolve puts the real id in).
+PLACEHOLDER = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
@@ -90,6 +94,12 @@ class Sequence:
             self._ids[self._ids_len : n] = self.tokens_slice(self._ids_len, n)
             self._ids_len = n
         return self._ids[:n]
+
+    def set_last_output(self, token_id: int) -> None:
+        """Replace the last generated id (a PLACEHOLDER), in ids_array's buffer too."""
+        self.output_ids[-1] = token_id
+        if self.num_tokens <= self._ids_len:
+            self._ids[self.num_tokens - 1] = token_id
 
     def tokens_slice(self, start: int, stop: int) -> list[int]:
         n = len(self.prompt_ids)
