@@ -17,6 +17,12 @@ prompts are prefilled, then `--steps` decode steps of all N are timed and split 
   update     Scheduler.update, RequestOutputs, emitting them
   stats      StepStats
 
+"launches" are the kernel launches of a step: 1 for a decode step replayed as a CUDA graph
+(up to 64 rows with the default buckets), else those of the eager step (plan.forward run over a
+counting stand-in for the kernels); "launch ms" prices them at the 6.06 us per launch measured
+on the H200 machine (bench/launch_overhead.py). That host time is not in "host ms": it is an
+estimate from another machine, not a measurement of this one.
+
 The peer is the roofline of the same step on an H200: weight bytes + the KV bytes the step
 reads (every stream's context, K and V, bf16), at the 4.18 TB/s device copy bandwidth measured
 on the H200 (bench/README.md). "host / roofline" is how many roofline steps the host work of a
@@ -34,6 +40,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -47,6 +54,7 @@ from inference_service.backends.cuda.backend import (  # noqa: E402
     fast_greedy,
     step_rows,
 )
+from inference_service.backends.cuda.plan import forward  # noqa: E402
 from inference_service.backends.cuda.runner import (  # noqa: E402
     eager_input_layout,
     graph_input_layout,
@@ -71,6 +79,9 @@ from inference_service.models.config import ModelConfig  # noqa: E402
 from inference_service.sampling.params import SampleOutput, SamplingParams  # noqa: E402
 
 H200_COPY_BW = 4.18e12  # bytes/s, device-to-device copy (bench/README.md)
+# Host cost of one kernel launch from Python on the H200 machine (bench/launch_overhead.py,
+# bench/README.md: 6.06 us through cuda_kernels.Kernel).
+H200_LAUNCH_US = 6.06
 PROMPT = 128
 BLOCK = 16
 PHASES = ("schedule", "batch", "inputs", "sampler", "update", "stats")
@@ -89,6 +100,38 @@ SHAPES = {
 def model_config(key: str) -> ModelConfig:
     return ModelConfig(architecture="llama", rms_norm_eps=1e-5, rope_theta=500000.0,
                        tie_word_embeddings=True, **SHAPES[key][1])  # fmt: skip
+
+
+class LaunchCounter:
+    """Stands in for StepKernels in plan.forward to count an eager step's kernel launches: each
+    of its launch methods enqueues one kernel of ours (cuBLASLt's SwiGLU GEMM would be two)."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        self.config = c
+        self.qkv_dim = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        self.q_dim = c.num_heads * c.head_dim
+        self.launches = 0
+
+    def attention_choice(self, *args) -> tuple[str, int, int]:
+        return ("", 0, 1)
+
+    def __getattr__(self, name: str):
+        def launch(*args, **kwargs) -> None:
+            self.launches += 1
+
+        return launch
+
+
+def eager_launches(c: ModelConfig, layout) -> int:
+    """Kernel launches of an eager step of this layout (plan.forward over stand-in buffers)."""
+    k = LaunchCounter(c)
+    addresses = SimpleNamespace(tokens=layout.tokens, inputs=0, resid=0, xnorm=0, qkv=0, attn=0,
+                                act=0, counters=0)  # fmt: skip
+    kv = SimpleNamespace(k_cache=lambda layer: 0, v_cache=lambda layer: 0)
+    buf = SimpleNamespace(weights=defaultdict(int), kv=kv, ws=addresses, logits=0, argmax=0,
+                          lm_rows=c.vocab_size)  # fmt: skip
+    forward(k, buf, layout, BLOCK * layout.width, None)
+    return k.launches
 
 
 class HostOnlyBackend:
@@ -116,6 +159,8 @@ class HostOnlyBackend:
         self.sampler_out = np.zeros((max_batch, OUT_WORDS), np.int32)
         self.sampler_in = np.zeros(1 << 16, np.int32)
         self.times: dict[str, int] = defaultdict(int)  # ns per phase, summed
+        self.launches: int | None = 1  # kernel launches of the last step (None: eager, uncounted)
+        self.layout = None
 
     def step(self, batch: list[BatchItem]) -> list[SampleOutput | None]:
         t0 = time.perf_counter_ns()
@@ -124,6 +169,7 @@ class HostOnlyBackend:
         if bucket is not None:
             layout = graph_input_layout(batch, bucket, BLOCK, self.max_width)
             tiles, pad_to, packed_rows = None, bucket, list(range(len(batch)))
+            self.launches = 1  # the graph
         else:
             T = sum(len(it.token_ids) for it in batch)
             tiles = []
@@ -132,6 +178,8 @@ class HostOnlyBackend:
                 tiles = prefill_tiles(lengths, [it.start_pos for it in batch], self.group)
             layout = eager_input_layout(batch, len(rows), self.max_width, len(tiles))
             pad_to, packed_rows = len(batch), rows
+            self.layout = layout  # eager_launches() counts its launches after the step
+            self.launches = None
         if self.inputs_host.size < layout.total:
             self.inputs_host = np.zeros(2 * layout.total, np.int32)
         pack_inputs(self.inputs_host, batch, packed_rows, layout, pad_to, BLOCK,
@@ -244,12 +292,14 @@ def measure(key: str, n: int, mode: str, steps: int) -> dict:
         times["update"] = wall - sum(times.get(p, 0) for p in PHASES if p != "update")
         for p in PHASES:
             per_step[p].append(times.get(p, 0))
+    launches = backend.launches or eager_launches(c, backend.layout)
     # Medians per step: this machine is shared, and a busy neighbour shows as outliers.
     phases = {p: statistics.median(v) / 1e6 for p, v in per_step.items()}
     host = statistics.median(walls) / 1e6
     r = statistics.mean(roof)
     return dict(shape=SHAPES[key][0], streams=n, mode=mode, host_ms=host, roofline_ms=r,
-                ratio=host / r, mean_ms=statistics.mean(walls) / 1e6, **phases)  # fmt: skip
+                ratio=host / r, mean_ms=statistics.mean(walls) / 1e6, launches=launches,
+                launch_ms=launches * H200_LAUNCH_US / 1e3, **phases)  # fmt: skip
 
 
 def main() -> None:
@@ -262,7 +312,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     head = (f"{'shape':<14} {'mode':<8} {'N':>4} {'host ms':>8} {'roof ms':>8} {'host/roof':>9}  "
-            + " ".join(f"{p:>8}" for p in PHASES))  # fmt: skip
+            + " ".join(f"{p:>8}" for p in PHASES) + f" {'launches':>8} {'launch ms':>9}")  # fmt: skip
     print(head, flush=True)
     for key in args.shapes.split(","):
         for mode in args.modes.split(","):
@@ -271,7 +321,8 @@ def main() -> None:
                 rows.append(r)
                 print(f"{r['shape']:<14} {mode:<8} {n:>4} {r['host_ms']:>8.3f} "
                       f"{r['roofline_ms']:>8.3f} {r['ratio']:>9.2f}  "
-                      + " ".join(f"{r[p]:>8.3f}" for p in PHASES), flush=True)  # fmt: skip
+                      + " ".join(f"{r[p]:>8.3f}" for p in PHASES)
+                      + f" {r['launches']:>8} {r['launch_ms']:>9.2f}", flush=True)  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
