@@ -111,6 +111,7 @@ def test_random_cancellations_and_deadlines(stack, request):
     before = stack.metrics()
     plans = [rng.choice(["finish", "cancel", "deadline"]) for _ in range(count)]
     results: list[str] = [""] * count
+    answered = [False] * count  # a message came: the server had started the call
     with grpc.insecure_channel(stack.address) as channel:
         stub = igrpc.InferenceServiceStub(channel)
 
@@ -124,6 +125,7 @@ def test_random_cancellations_and_deadlines(stack, request):
                                  timeout=timeout)  # fmt: skip
             try:
                 for j, _ in enumerate(call):
+                    answered[i] = True
                     if plan == "cancel" and j == 3:
                         call.cancel()
                 results[i] = "OK"
@@ -138,18 +140,25 @@ def test_random_cancellations_and_deadlines(stack, request):
     want = {"finish": "OK", "cancel": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}
     assert results == [want[p] for p in plans]
 
-    def counts() -> dict[str, tuple[int, int]]:
-        """code: (counted by the server since the start, wanted)"""
+    # A call whose deadline passes before the server's event loop starts its handler (a very
+    # busy machine) is answered by gRPC alone and never reaches the servicer, so it is not
+    # counted: the deadlines are counted at least for every stream that got a message, at most
+    # for all. Cancelled streams all got messages: exactly.
+    started_deadlines = sum(a for a, p in zip(answered, plans, strict=True) if p == "deadline")
+    wanted = {"CANCELLED": (plans.count("cancel"), plans.count("cancel")),
+              "DEADLINE_EXCEEDED": (started_deadlines, plans.count("deadline"))}  # fmt: skip
+
+    def counts() -> dict[str, int]:
         now = stack.metrics()
-        return {
-            code: (int(now.get(key % code, 0) - before.get(key % code, 0)), plans.count(plan))
-            for plan, code in (("cancel", "CANCELLED"), ("deadline", "DEADLINE_EXCEEDED"))
-        }
+        return {code: int(now.get(key % code, 0) - before.get(key % code, 0)) for code in wanted}
+
+    def counted() -> bool:
+        return all(lo <= counts()[code] <= hi for code, (lo, hi) in wanted.items())
 
     try:
-        wait_until(lambda: all(got == want for got, want in counts().values()), 20)
+        wait_until(counted, 20)
     except AssertionError:
-        raise AssertionError(f"the server's counts (got, wanted): {counts()}") from None
+        raise AssertionError(f"the server counted {counts()}, wanted {wanted}") from None
     wait_until(lambda: stack.metrics().get("kuiper_inference_kv_blocks_used") == 0, 20,
                "KV blocks back to 0")  # fmt: skip
 
