@@ -22,7 +22,8 @@ from typing import Any
 from inference_service.backends.base import Backend
 from inference_service.build import build_engine
 from inference_service.config import EngineConfig
-from inference_service.engine.engine import QueueFullError, RequestOutput
+from inference_service.engine.admission import QueueFullError
+from inference_service.engine.engine import RequestOutput
 from inference_service.engine.stop_strings import StopStringMatcher
 from inference_service.engine_core.build import widest_batch_engine
 from inference_service.sampling.params import SamplingParams

@@ -36,11 +36,11 @@ from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 
 from inference_service.config import EngineConfig
+from inference_service.engine.admission import QueueFullError
 from inference_service.engine.engine import (
     AsyncEngine,
     Engine,
     EngineStoppedError,
-    QueueFullError,
 )
 from inference_service.engine.sequence import FinishReason
 from inference_service.engine_core.build import EngineSpec, build_engine

@@ -11,10 +11,10 @@ import pytest
 from fake_backend import FakeBackend, oracle_generate
 
 from inference_service.config import EngineConfig
+from inference_service.engine.admission import QueueFullError
 from inference_service.engine.engine import (
     AsyncEngine,
     Engine,
-    QueueFullError,
     RequestOutput,
 )
 from inference_service.engine.sequence import FinishReason

@@ -58,6 +58,9 @@ def stack(tiny_model, security):  # noqa: F811
         "--engine-stall-timeout", "1", "--engine-restart-timeout", str(RESTART_S),
         security=security,
     ) as s:  # fmt: skip
+        # Health answers once frontend 0 serves; frontend 1 binds the port after its warm-up.
+        wait_until(lambda: "frontend 1 of 2 SERVING" in s.inference.log_text(), timeout=60,
+                   what="frontend 1 to serve")  # fmt: skip
         yield s
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import queue
 import threading
@@ -24,6 +23,7 @@ import numpy as np
 
 from inference_service.backends.base import Backend, BatchItem, can_step_async, check_backend
 from inference_service.config import EngineConfig
+from inference_service.engine.admission import Admission
 from inference_service.engine.block_manager import BlockManager
 from inference_service.engine.scheduler import Scheduler, SchedulerOutput
 from inference_service.engine.sequence import FinishReason, Sequence
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 
 HEARTBEAT_S = 1.0  # an idle engine thread still beats this often
-
-
-class QueueFullError(Exception):
-    """The waiting queue is at its bound; the caller should retry later."""
 
 
 class EngineStoppedError(Exception):
@@ -101,9 +97,7 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.stop_ids = frozenset(stop_ids) or frozenset(backend.config.eos_token_ids)
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._unscheduled: set[int] = set()  # accepted ids not yet scheduled (queue bound)
-        self._ids = itertools.count(1)
+        self._admission = Admission(self.config.max_waiting)
         self._seqs: dict[int, Sequence] = {}  # engine thread only
         self._listeners: list[OutputListener] = []
         self._stats_listeners: list[Callable[[StepStats], None]] = []
@@ -169,15 +163,7 @@ class Engine:
         at its bound, EngineStoppedError when the engine does not run."""
         if not self.alive:
             raise EngineStoppedError("the engine is not running")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        with self._lock:
-            if len(self._unscheduled) >= self.config.max_waiting:
-                raise QueueFullError(
-                    f"the waiting queue is full ({self.config.max_waiting} requests); retry later"
-                )
-            request_id = next(self._ids)
-            self._unscheduled.add(request_id)
+        request_id = self._admission.admit(prompt_ids)
         seq = Sequence(
             seq_id=request_id,
             prompt_ids=[int(t) for t in prompt_ids],
@@ -194,8 +180,7 @@ class Engine:
 
     @property
     def num_waiting_requests(self) -> int:
-        with self._lock:
-            return len(self._unscheduled)
+        return len(self._admission)
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, timeout: float | None = None
@@ -293,9 +278,7 @@ class Engine:
             sampled = [c.seq for c in out.chunks if c.samples]  # before update grows them
             self.scheduler.update(out, samples)
             outputs += [self._output(seq, [seq.output_ids[-1]]) for seq in sampled]
-        with self._lock:
-            for chunk in out.chunks:
-                self._unscheduled.discard(chunk.seq.seq_id)
+        self._admission.left(chunk.seq.seq_id for chunk in out.chunks)
         self._emit(outputs)
         self._publish_stats(out, time.monotonic() - t0)
 
@@ -440,9 +423,7 @@ class Engine:
     def _finish_outputs(
         self, seqs: list[Sequence], error: str | None = None
     ) -> list[RequestOutput]:
-        with self._lock:
-            for seq in seqs:
-                self._unscheduled.discard(seq.seq_id)
+        self._admission.left(seq.seq_id for seq in seqs)
         return [
             self._output(s, [], error if s.finish_reason is not FinishReason.CANCELLED else None)
             for s in seqs

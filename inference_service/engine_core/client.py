@@ -30,11 +30,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Client
 
+from inference_service.engine.admission import Admission
 from inference_service.engine.engine import (
     Engine,
     EngineStoppedError,
     OutputListener,
-    QueueFullError,
     RequestOutput,
     StepStats,
 )
@@ -111,9 +111,8 @@ class EngineClient:
         self._conn = None
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._admission = Admission(max_waiting=0)  # the core's bound, once it is READY
         self._open: set[int] = set()  # submitted, not finished
-        self._unscheduled: set[int] = set()  # submitted, no output yet (the queue bound)
         self._listeners: list[OutputListener] = []
         self._stats_listeners: list[Callable[[StepStats], None]] = []
         self._stop_ids: tuple[int, ...] | None = None
@@ -194,6 +193,7 @@ class EngineClient:
         self._proc, self._conn, self.info = proc, conn, info
         self.backend = RemoteBackend(self, info)
         self.config = _Limits(info.max_batch_size, info.max_waiting)
+        self._admission.max_waiting = info.max_waiting
         # a restarted core gets what the server told the previous one
         if self._stop_ids is not None:
             self._send((proto.STOP_IDS, self._stop_ids))
@@ -254,8 +254,7 @@ class EngineClient:
 
     @property
     def num_waiting_requests(self) -> int:
-        with self._lock:
-            return len(self._unscheduled)
+        return len(self._admission)
 
     def add_output_listener(self, listener: OutputListener) -> None:
         self._listeners.append(listener)
@@ -273,21 +272,14 @@ class EngineClient:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> int:
         if not self.alive:
             raise EngineStoppedError("the engine process is not running (restarting?); retry")
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
+        rid = self._admission.admit(prompt_ids)
         with self._lock:
-            if len(self._unscheduled) >= self.info.max_waiting:
-                raise QueueFullError(
-                    f"the waiting queue is full ({self.info.max_waiting} requests); retry later"
-                )
-            rid = next(self._ids)
-            self._unscheduled.add(rid)
             self._open.add(rid)
         try:
             self._send((proto.ADD, rid, [int(t) for t in prompt_ids], params))
         except EngineStoppedError:
+            self._admission.left([rid])
             with self._lock:
-                self._unscheduled.discard(rid)
                 self._open.discard(rid)
             raise
         return rid
@@ -334,11 +326,9 @@ class EngineClient:
     def _dispatch(self, batch: proto.StepBatch) -> None:
         self.heartbeat = max(self.heartbeat, batch.heartbeat)
         if batch.outputs:
+            self._admission.left(out.request_id for out in batch.outputs)
             with self._lock:
-                for out in batch.outputs:
-                    self._unscheduled.discard(out.request_id)
-                    if out.finished:
-                        self._open.discard(out.request_id)
+                self._open.difference_update(o.request_id for o in batch.outputs if o.finished)
             self._emit(batch.outputs)
         for stats in batch.stats:
             self.last_stats = stats
@@ -358,7 +348,7 @@ class EngineClient:
     def _end_open(self, message: str, lost: bool) -> None:
         with self._lock:
             ended, self._open = sorted(self._open), set()
-            self._unscheduled.clear()
+        self._admission.clear()
         if ended:
             reason = FinishReason.ERROR if lost else FinishReason.CANCELLED
             self._emit(

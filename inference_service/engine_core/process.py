@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Listener
 
+from inference_service.engine.admission import QueueFullError
 from inference_service.engine.engine import (
     Engine,
     EngineStoppedError,
-    QueueFullError,
     RequestOutput,
     StepStats,
 )
