@@ -138,6 +138,9 @@ class OutputRouter:
         self._reopen: dict[int, LiveRequest] = {}  # sequences to reopen on a new stream
         self._order = 0  # counts _send calls
         self._tasks: list[asyncio.Task] = []
+        # Ids the tokenizer service can decode (0..vocab_size - 1), once the server knows: it
+        # refuses a whole DecodeStream message for one id beyond, failing every stream in it.
+        self.vocab_size: int | None = None
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -278,6 +281,7 @@ class OutputRouter:
             if last.finished:  # ended before producing anything (e.g. cancelled while queued)
                 self._finish(req, Delta([], "", finish_reason=last.finish_reason, output=last))
             return None
+        self._check_ids(m.ids)
         seq = tpb.SequenceIds(sequence_id=req.request_id, ids=m.ids, finished=last.finished)
         if req.opened_epoch is None:
             seq.context_ids.extend(req.context_ids)
@@ -285,6 +289,13 @@ class OutputRouter:
             req.opened_epoch = epoch
         req.closed = last.finished
         return seq
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if ids and self.vocab_size is not None and not 0 <= min(ids) <= max(ids) < self.vocab_size:
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            raise ValueError(
+                f"token ids {bad[:5]} have no text (the tokenizer has {self.vocab_size} ids)"
+            )
 
     # ---- reopening after the DecodeStream broke ---------------------------------------------
     def _wait_for_reopen(self, req: LiveRequest) -> None:
@@ -331,6 +342,11 @@ class OutputRouter:
                 m.extend(part)
                 m.order = part.order
             req.pending = []
+            try:
+                self._check_ids(m.ids)
+            except ValueError as exc:
+                self._fail_internal(req, exc, "sending its tokens to the tokenizer service")
+                continue
             finished = m.last is not None and m.last.finished
             items.append(tpb.SequenceIds(
                 sequence_id=rid, ids=req.unemitted + m.ids, finished=finished,

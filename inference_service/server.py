@@ -518,12 +518,13 @@ class ServerConfig:
 
 
 async def _stop_ids_from_tokenizer(
-    engine: Engine | EngineClient, tokenizer: TokenizerClient
+    engine: Engine | EngineClient, tokenizer: TokenizerClient, router: OutputRouter
 ) -> None:
     """End-of-sequence ids come from the tokenizer (eos plus e.g. <|im_end|>); keep asking
     until it answers, the model's own eos ids serve meanwhile. A tokenizer with fewer ids than
     the model's embedding table (padded tables) also limits sampling to its ids: the others
-    have no text, and the tokenizer service refuses to decode them."""
+    have no text, and the tokenizer service refuses to decode them (the router checks each
+    request's ids against it, so such an id ends its own stream, not the shared DecodeStream)."""
     while True:
         try:
             info = await tokenizer.info(timeout_s=2.0)
@@ -535,6 +536,8 @@ async def _stop_ids_from_tokenizer(
         if info.eos_id is not None:
             ids.add(info.eos_id)
         engine.set_stop_ids(ids)
+        if info.vocab_size > 0:
+            router.vocab_size = info.vocab_size
         vocab = engine.backend.config.vocab_size
         if 0 < info.vocab_size < vocab:
             log.info("sampling limited to the tokenizer's %d ids (the model has %d)",
@@ -677,7 +680,9 @@ async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
         engine.generate, [warm_prompt], SamplingParams(max_new_tokens=2, temperature=0.0), 600
     )
     log.info("%swarm-up done in %.1fs", me, time.monotonic() - t0)
-    stop_ids_task = asyncio.create_task(_stop_ids_from_tokenizer(engine, tokenizer))
+    stop_ids_task = asyncio.create_task(
+        _stop_ids_from_tokenizer(engine, tokenizer, servicer.router)
+    )
     # Stop ids and the sampling limit in place before the first request when the tokenizer
     # answers soon; a tokenizer still starting up does not hold up health (retried above).
     await asyncio.wait({stop_ids_task}, timeout=5.0)
