@@ -372,9 +372,7 @@ class Engine:
             items = self._batch(out) if batch is None else batch
             running = self.backend.step_async(items)  # type: ignore[attr-defined]
             self._inflight = (out, items, running)
-        with self._lock:
-            for chunk in out.chunks:
-                self._unscheduled.discard(chunk.seq.seq_id)
+        self._admission.left(chunk.seq.seq_id for chunk in out.chunks)
 
     def _batch(self, out: SchedulerOutput) -> list[BatchItem]:
         """The step's items: views of each sequence's id buffer (no per-step copies of ids
