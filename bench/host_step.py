@@ -26,8 +26,9 @@ estimate from another machine, not a measurement of this one.
 The peer is the roofline of the same step on an H200: weight bytes + the KV bytes the step
 reads (every stream's context, K and V, bf16), at the 4.18 TB/s device copy bandwidth measured
 on the H200 (bench/README.md). "host / roofline" is how many roofline steps the host work of a
-step would fill. Figures are medians over the timed steps (phases: each phase's median, so
-they need not add up to the step's). Greedy rows and a sampled mix (temperature / top-k / top-p / min-p, seeded,
+step would fill. Times are the engine thread's CPU time (the machine is shared: total times
+doubled whenever a neighbour's job took a core), medians over the timed steps (phases: each
+phase's median, so they need not add up to the step's). Greedy rows and a sampled mix (temperature / top-k / top-p / min-p, seeded,
 every fourth row with a repetition penalty) are timed separately.
 """
 
@@ -78,6 +79,10 @@ from inference_service.engine.sequence import Sequence  # noqa: E402
 from inference_service.models.config import ModelConfig  # noqa: E402
 from inference_service.sampling.params import SampleOutput, SamplingParams  # noqa: E402
 
+# The engine thread's CPU time, not total time: this machine is shared, and a neighbour's job
+# taking a core doubles total times for seconds at a time (seen: 2.6 to 8.7 ms medians of the same
+# 256-stream step in runs a minute apart).
+clock = time.thread_time_ns
 H200_COPY_BW = 4.18e12  # bytes/s, device-to-device copy (bench/README.md)
 # Host cost of one kernel launch from Python on the H200 machine (bench/launch_overhead.py,
 # bench/README.md: 6.06 us through cuda_kernels.Kernel).
@@ -163,7 +168,7 @@ class HostOnlyBackend:
         self.layout = None
 
     def step(self, batch: list[BatchItem]) -> list[SampleOutput | None]:
-        t0 = time.perf_counter_ns()
+        t0 = clock()
         check_batch_for(self, batch)
         rows, bucket = step_rows(batch, self.graph_buckets, self.max_batch)
         if bucket is not None:
@@ -184,7 +189,7 @@ class HostOnlyBackend:
             self.inputs_host = np.zeros(2 * layout.total, np.int32)
         pack_inputs(self.inputs_host, batch, packed_rows, layout, pad_to, BLOCK,
                     self.scratch_block, tiles)  # fmt: skip
-        t1 = time.perf_counter_ns()
+        t1 = clock()
         out: list[SampleOutput | None] = [None] * len(batch)
         params = [batch[i].sampling for i in rows]
         dev_rows = [r for r, p in enumerate(params) if not fast_greedy(p)]
@@ -204,7 +209,7 @@ class HostOnlyBackend:
         ids = argmax_ids(np.array(self.argmax_host[: len(rows)]))
         for r, i in enumerate(rows):
             out[i] = sampled[r] if r in sampled else SampleOutput(token_id=int(ids[r]))
-        t2 = time.perf_counter_ns()
+        t2 = clock()
         self.times["inputs"] += t1 - t0
         self.times["sampler"] += t2 - t1
         return out
@@ -218,11 +223,11 @@ class HostOnlyBackend:
 
 def timed(times: dict[str, int], phase: str, fn):
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter_ns()
+        t0 = clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            times[phase] += time.perf_counter_ns() - t0
+            times[phase] += clock() - t0
 
     return wrapper
 
@@ -278,27 +283,27 @@ def measure(key: str, n: int, mode: str, steps: int) -> dict:
     sched.update = timed(times, "update", sched.update)
     engine._batch = timed(times, "batch", engine._batch)
     engine._publish_stats = timed(times, "stats", engine._publish_stats)
-    roof, walls, per_step = [], [], {p: [] for p in PHASES}
+    roof, totals, per_step = [], [], {p: [] for p in PHASES}
     for _ in range(steps):
         contexts = [s.num_tokens for s in sched.running]
         roof.append(roofline_ms(c, contexts))
         times.clear()
-        t0 = time.perf_counter_ns()
+        t0 = clock()
         engine._step()
-        wall = time.perf_counter_ns() - t0
+        total = clock() - t0
         assert engine.last_stats.batch_size == n, (engine.last_stats, n)
-        walls.append(wall)
+        totals.append(total)
         # update = Scheduler.update plus what _step does after it (RequestOutputs, emit).
-        times["update"] = wall - sum(times.get(p, 0) for p in PHASES if p != "update")
+        times["update"] = total - sum(times.get(p, 0) for p in PHASES if p != "update")
         for p in PHASES:
             per_step[p].append(times.get(p, 0))
     launches = backend.launches or eager_launches(c, backend.layout)
-    # Medians per step: this machine is shared, and a busy neighbour shows as outliers.
+    # Medians per step: a busy neighbour still shows as outliers (caches, memory bandwidth).
     phases = {p: statistics.median(v) / 1e6 for p, v in per_step.items()}
-    host = statistics.median(walls) / 1e6
+    host = statistics.median(totals) / 1e6
     r = statistics.mean(roof)
     return dict(shape=SHAPES[key][0], streams=n, mode=mode, host_ms=host, roofline_ms=r,
-                ratio=host / r, mean_ms=statistics.mean(walls) / 1e6, launches=launches,
+                ratio=host / r, mean_ms=statistics.mean(totals) / 1e6, launches=launches,
                 launch_ms=launches * H200_LAUNCH_US / 1e3, **phases)  # fmt: skip
 
 
