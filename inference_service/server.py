@@ -70,7 +70,13 @@ from inference_service.tokenizer_client import (
     TokenizerUnavailableError,
 )
 from inference_service.watchdog import DEFAULT_RESTART_S, DEFAULT_STALL_S, watch_engine
-from kuiper_serve.common.auth import Security, add_port, connection_age_options, count_rejections
+from kuiper_serve.common.auth import (
+    Security,
+    add_port,
+    connection_age_options,
+    count_rejections,
+    keepalive_options,
+)
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
     INFERENCE_GRACE_S,
@@ -613,6 +619,7 @@ async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
             ("grpc.max_receive_message_length", transport_limit),
             ("grpc.so_reuseport", 1 if multi else 0),  # several frontends share the port
             *connection_age_options(cfg.max_connection_age_s),
+            *keepalive_options(),
         ],
     )
     server_health = ServerHealth(server, SERVICE_NAME)

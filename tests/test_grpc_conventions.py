@@ -8,6 +8,7 @@ client's mistake: never UNKNOWN)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -20,6 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from servers import free_port, kuiper_command, start_server
 from serving_stack import run_stack, tiny_model  # noqa: F401 - fixture
+
+from kuiper_serve.common.auth import keepalive_options
+from kuiper_serve.common.health import ServerHealth
 
 HEALTH = "grpc.health.v1.Health"
 REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
@@ -213,3 +217,51 @@ def test_watch_sees_the_drain_and_does_not_hold_it(tiny_model):  # noqa: F811
     status = health_pb2.HealthCheckResponse
     assert seen == [status.SERVING, status.NOT_SERVING, grpc.StatusCode.UNAVAILABLE]
     assert took < 15, f"exit took {took:.1f}s with --grace 60: the Watch stream held the drain"
+
+
+async def _idle_watch_survives(server_options: list[tuple[str, int]], idle_s: float) -> str:
+    """An in-process server with these options; a client that pings every 0.5 s without
+    throttling (as grpc-go does while a call is open) keeps a Watch open and idle for
+    `idle_s`. Returns "alive" or what ended the Watch."""
+    server = grpc.aio.server(options=server_options)
+    health = ServerHealth(server, "test.Service")
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await health.set_serving(True)
+    pings = [("grpc.keepalive_time_ms", 500), ("grpc.http2.max_pings_without_data", 0)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=pings) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=idle_s + 10
+            )
+            await watch.read()
+            read = asyncio.ensure_future(watch.read())
+            done, _ = await asyncio.wait({read}, timeout=idle_s)
+            if not done:
+                watch.cancel()
+                return "alive"
+            try:
+                read.result()
+            except grpc.RpcError as exc:
+                return f"{exc.code().name}: {exc.details()}"
+            return "a second message"
+    finally:
+        await server.stop(0)
+
+
+def test_keepalive_pings_at_the_allowed_interval_keep_calls_alive():
+    """gRPC's default server policy answers a client that pings more often than every 5 min
+    with GOAWAY too_many_pings, ending its calls; ours allows one ping per
+    MIN_PING_INTERVAL_S. Shown at a 0.25 s interval (the policy's function, as the servers
+    call it with 10 s) against gRPC's default, side by side."""
+
+    async def both() -> tuple[str, str]:
+        return await asyncio.gather(
+            _idle_watch_survives(keepalive_options(0.25), 4.0),
+            _idle_watch_survives([], 4.0),
+        )
+
+    ours, default = asyncio.run(both())
+    assert default.startswith("UNAVAILABLE"), default  # the premise: the client pings hard
+    assert ours == "alive", ours
+    assert ("grpc.http2.min_ping_interval_without_data_ms", 10_000) in keepalive_options()

@@ -24,7 +24,13 @@ import grpc
 from kuiper.v1 import tokenizer_pb2 as pb
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from kuiper_serve.common.auth import Security, add_port, connection_age_options, count_rejections
+from kuiper_serve.common.auth import (
+    Security,
+    add_port,
+    connection_age_options,
+    count_rejections,
+    keepalive_options,
+)
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
     TOKENIZER_GRACE_S,
@@ -411,6 +417,7 @@ async def serve_async(
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent second server
             *connection_age_options(max_connection_age_s),
+            *keepalive_options(),
         ],
     )
     server_health = ServerHealth(server, SERVICE_NAME)

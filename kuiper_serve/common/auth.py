@@ -91,6 +91,24 @@ def connection_age_options(max_connection_age_s: float) -> list[tuple[str, int]]
     return [("grpc.max_connection_age_ms", max(1, round(max_connection_age_s * 1000)))]
 
 
+# The shortest keepalive time grpc-go and grpc-java clients accept (they raise lower settings
+# to it). gRPC's default server policy allows one ping per 5 minutes without data and none
+# without calls: a client pinging more often (e.g. every 30 s to keep an idle Watch or a queued
+# Generate alive through a load balancer) got GOAWAY too_many_pings, which ends every call on
+# that connection with UNAVAILABLE.
+MIN_PING_INTERVAL_S = 10.0
+
+
+def keepalive_options(min_ping_interval_s: float = MIN_PING_INTERVAL_S) -> list[tuple[str, int]]:
+    """Server options that accept client keepalive pings every `min_ping_interval_s` seconds or
+    more, with or without calls in progress; more frequent pings still earn GOAWAY
+    too_many_pings (after gRPC's two strikes)."""
+    return [
+        ("grpc.http2.min_ping_interval_without_data_ms", max(1, round(min_ping_interval_s * 1000))),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without exactly one `authorization: Bearer <token>` header (health and
     reflection excepted). Runs when a call starts, from its headers alone: before its body is
