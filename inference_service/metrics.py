@@ -14,6 +14,8 @@ processes, the engine's gauges (set by frontend 0 alone) are the live maximum, a
 from __future__ import annotations
 
 import os
+import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,28 @@ FINISHED_REASON = {
     FinishReason.EOS: "stop",
     FinishReason.CANCELLED: "abort",
 }
+
+
+class RereadingCollector:
+    """A collector read again when it fails: in multiprocess mode a frontend process that
+    starts (its files half written) or is killed mid-write can make one read of the files
+    fail, which prometheus_client answers with HTTP 500; a scrape should not fail for it."""
+
+    ATTEMPTS = 3
+
+    def __init__(self, inner: Any, pause_s: float = 0.02) -> None:
+        self._inner = inner
+        self._pause_s = pause_s
+
+    def collect(self) -> list:
+        for attempt in range(self.ATTEMPTS):
+            try:
+                return list(self._inner.collect())
+            except (ValueError, struct.error, OSError):  # ValueError: JSON / UTF-8 of a key
+                if attempt == self.ATTEMPTS - 1:
+                    raise
+                time.sleep(self._pause_s)
+        raise AssertionError("unreachable")
 
 
 class WithModel:
@@ -189,6 +213,6 @@ class InferenceMetrics:
             from prometheus_client import multiprocess
 
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            registry.register(RereadingCollector(multiprocess.MultiProcessCollector(None)))
         server, _ = start_http_server(port, addr=host, registry=registry)
         return server.server_port

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,53 @@ def test_grafana_dashboard_queries_only_exported_metrics() -> None:
         for expr in exprs:
             for name in re.findall(r"\bkuiper_[a-z0-9_]+", expr):
                 assert name in exported, f"{path.name}: {name} is not exported"
+
+
+def test_a_half_written_multiprocess_file_is_read_again_not_a_failed_scrape(tmp_path) -> None:
+    """prometheus_client's multiprocess reader fails on a file cut mid-entry (a frontend
+    starting, or killed while writing); the scrape reads again instead of answering 500."""
+    import shutil
+    import subprocess
+    import sys
+
+    from prometheus_client import generate_latest, multiprocess
+
+    from inference_service.metrics import RereadingCollector
+
+    code = ("from prometheus_client import Counter; "
+            "Counter('kuiper_test_events', 'doc', ['kind']).labels('long-label-value').inc(3)")  # fmt: skip
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": ""}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    (good,) = tmp_path.glob("counter_*.db")
+    whole = good.read_bytes()
+    # The real failure: the same file cut inside its entry's key.
+    cut = tmp_path / "counter_999999.db"
+    cut.write_bytes(whole[:8] + whole[8:][:40].ljust(len(whole) - 8, b"\0"))
+    inner = multiprocess.MultiProcessCollector(None, path=str(tmp_path))
+    with pytest.raises((ValueError, struct.error)):
+        list(inner.collect())
+
+    class HealsAfterOneRead:
+        """Reads the directory; the cut file is complete again after the first failure."""
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def collect(self):
+            self.reads += 1
+            try:
+                return list(inner.collect())
+            finally:
+                shutil.copyfile(good, cut)
+
+    healing = HealsAfterOneRead()
+    registry = CollectorRegistry()
+    registry.register(RereadingCollector(healing, pause_s=0))
+    text = generate_latest(registry).decode()
+    assert healing.reads == 2
+    assert 'kuiper_test_events_total{kind="long-label-value"} 6.0' in text  # both files
+
+    # A file that stays broken still fails the scrape (after ATTEMPTS reads), not hidden.
+    cut.write_bytes(whole[:8] + whole[8:][:40].ljust(len(whole) - 8, b"\0"))
+    with pytest.raises((ValueError, struct.error)):
+        RereadingCollector(inner, pause_s=0).collect()
