@@ -352,6 +352,10 @@ def test_sigterm_drains_every_frontend_then_exits_0(stack, security):
         ),  # fmt: skip
         what="health to leave SERVING",
     )
+    # Frontend 1 drains once frontend 0 has passed SIGTERM on; a connection can reach it
+    # in between (SO_REUSEPORT picks the process), so the late call comes after that.
+    wait_until(lambda: re.search(r"frontend1 .*draining", stack.inference.log_text()),
+               what="frontend 1 to drain")  # fmt: skip
     late = None
     with channel(stack, security) as ch, contextlib.suppress(grpc.RpcError):
         greedy(ch, "late", 2)
