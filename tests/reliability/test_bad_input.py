@@ -222,17 +222,9 @@ class ChainedStreams(TimedStream):
         self.thread.join(30)
 
 
-def test_max_size_legal_request_does_not_stall_other_streams(secured_stack, channels):
-    """While requests at the receive limit arrive back to back (legal by size, refused for
-    what they hold: a million prompt ids, stop strings or stop ids), another stream's longest
-    wait between two tokens stays within a bound set by the same streams' gaps just before.
-    Before the fix the server converted and scanned every id of such a prompt on the event
-    loop (~0.3 s a request on 2 busy cores). What is left on the loop is protobuf's parse
-    (upb holds the GIL, so a worker thread would not free the loop): 5-25 ms a MiB."""
-    inf, _ = channels
-    limit = 2048 * 5 + (1 << 20)
-    payloads = max_size_requests(limit)
-    assert all(limit - 4 <= len(p) <= limit for p, _ in payloads)
+def _gap_under_max_size_requests(inf, payloads) -> tuple[float, float, int]:
+    """(longest token gap of a running stream while max-size requests arrive for 1.5 s, its
+    longest gap over 1.5 s just before, requests sent)."""
     stream = ChainedStreams(igrpc.InferenceServiceStub(inf))
     wait_until(lambda: len(stream.times) > 5, what="the first tokens")
     # The bound: the worst gap the same streams showed over as long a window just before.
@@ -252,6 +244,27 @@ def test_max_size_legal_request_does_not_stall_other_streams(secured_stack, chan
     stream.stop()
     print(f"max-size requests: {sent} in {end - start:.2f}s; other stream's longest gap "
           f"{1e3 * gap:.0f} ms (before them: {1e3 * normal:.0f} ms)")  # fmt: skip
+    return gap, normal, sent
+
+
+def test_max_size_legal_request_does_not_stall_other_streams(secured_stack, channels):
+    """While requests at the receive limit arrive back to back (legal by size, refused for
+    what they hold: a million prompt ids, stop strings or stop ids), another stream's longest
+    wait between two tokens stays within a bound set by the same streams' gaps just before.
+    Before the fix the server converted and scanned every id of such a prompt on the event
+    loop (~0.3 s a request on 2 busy cores). What is left on the loop is protobuf's parse
+    (upb holds the GIL, so a worker thread would not free the loop): 5-25 ms a MiB."""
+    inf, _ = channels
+    limit = 2048 * 5 + (1 << 20)
+    payloads = max_size_requests(limit)
+    assert all(limit - 4 <= len(p) <= limit for p, _ in payloads)
+    # Up to 3 tries: on 2 shared cores the test's own process (it sends the payloads and reads
+    # the stream) or a neighbour can pause the reader once; the stall this guards against
+    # happened on every try.
+    for _ in range(3):
+        gap, normal, sent = _gap_under_max_size_requests(inf, payloads)
+        if gap <= max(4 * normal, normal + 0.1):
+            break
     assert sent >= len(payloads)
     assert gap <= max(4 * normal, normal + 0.1), (gap, normal)
     still_serves(inf)
