@@ -18,14 +18,12 @@ reads its defaults and calls `prepare()` before prometheus_client is imported.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import multiprocessing
 import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -115,27 +113,6 @@ def cleanup(runtime: Runtime) -> None:
 
 def multiprocess_metrics() -> bool:
     return bool(os.environ.get(METRICS_DIR_ENV))
-
-
-def port_in_use(host: str, port: int) -> bool:
-    """Whether something listens on host:port already. With SO_REUSEPORT set our bind would
-    succeed next to another server that set it too (a second kuiper on the same port): probe
-    without it first."""
-    if port == 0:
-        return False
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-    except OSError:
-        return False  # grpc says what is wrong with the address
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
-            try:
-                probe.bind(addr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-    return False
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,6 @@ from inference_service.frontends import (
     default_frontends,
     multi_frontend_possible,
     multiprocess_metrics,
-    port_in_use,
     watch_parent,
 )
 from inference_service.metrics import FINISHED_REASON, InferenceMetrics
@@ -85,6 +84,7 @@ from kuiper_serve.common.defaults import (
 )
 from kuiper_serve.common.health import ServerHealth
 from kuiper_serve.common.model_source import model_name
+from kuiper_serve.common.ports import port_in_use
 from kuiper_serve.common.request_parsing import Undecodable, lenient_parser
 
 log = logging.getLogger("kuiper.inference")

@@ -48,3 +48,20 @@ def test_the_fallback_to_one_frontend_is_logged(monkeypatch, caplog, platform, s
 def test_frontends_below_one_is_a_usage_error(capsys):
     assert kuiper_main(["serve-inference", "--frontends", "0"]) == 2
     assert "--frontends must be >= 1" in capsys.readouterr().err
+
+
+def test_port_in_use_sees_a_listener_that_set_so_reuseport():
+    """The probe binds without SO_REUSEPORT, so another server that set it (as several
+    frontends do) still counts as taking the port; a closed port is free; 0 is never taken."""
+    import socket
+
+    from kuiper_serve.common.ports import port_in_use
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+    assert not port_in_use("127.0.0.1", port)
+    assert not port_in_use("127.0.0.1", 0)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ from kuiper_serve.common.defaults import (
     INFERENCE_PORT,
     TOKENIZER_PORT,
 )
+from kuiper_serve.common.ports import port_in_use
 
 
 def register(subparsers) -> None:
@@ -116,24 +115,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def _port_taken(host: str, port: int) -> bool:
-    """Whether something already listens on host:port. Checked before starting: otherwise
-    the health check could find another server on that port healthy and take it for ours."""
-    try:
-        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-    except OSError:
-        return False  # the server itself will say what is wrong with the address
-    for family, kind, proto, _, addr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
-            try:
-                probe.bind(addr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    return True
-    return False
 
 
 def _log_tail(path: Path, lines: int = 20) -> str:
@@ -267,7 +248,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 print(f"kuiper up: cannot read {flag} {path}", file=sys.stderr)
                 return 1
     for flag, port in ports:
-        if _port_taken(args.host, port):
+        if port_in_use(args.host, port):
             print(f"kuiper up: {args.host}:{port} ({flag}) is already in use (another kuiper "
                   f"up?); stop that server or pick another {flag.split()[0]}", file=sys.stderr)  # fmt: skip
             return 1
