@@ -79,7 +79,44 @@ class StepStats:
 OutputListener = Callable[[list[RequestOutput]], None]
 
 
-class Engine:
+class StepListeners:
+    """Who hears each step's outputs and stats, and the fan-out to them (a failing listener
+    is logged and skipped). Shared by the in-process Engine and the engine-core client, which
+    offer servers the same face."""
+
+    def __init__(self) -> None:
+        self._listeners: list[OutputListener] = []
+        self._stats_listeners: list[Callable[[StepStats], None]] = []
+        self.last_stats: StepStats | None = None
+
+    def add_output_listener(self, listener: OutputListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_output_listener(self, listener: OutputListener) -> None:
+        self._listeners.remove(listener)
+
+    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._stats_listeners.append(listener)
+
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        for listener in list(self._listeners):
+            try:
+                listener(outputs)
+            except Exception:
+                log.exception("output listener failed")
+
+    def _emit_stats(self, stats: StepStats) -> None:
+        self.last_stats = stats
+        for listener in self._stats_listeners:
+            try:
+                listener(stats)
+            except Exception:
+                log.exception("stats listener failed")
+
+
+class Engine(StepListeners):
     def __init__(
         self,
         backend: Backend,
@@ -99,8 +136,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._admission = Admission(self.config.max_waiting)
         self._seqs: dict[int, Sequence] = {}  # engine thread only
-        self._listeners: list[OutputListener] = []
-        self._stats_listeners: list[Callable[[StepStats], None]] = []
+        StepListeners.__init__(self)
         self._thread: threading.Thread | None = None
         self._running = False
         # Overlapped steps (config.overlap_steps, backends with step_async): the step running
@@ -111,7 +147,6 @@ class Engine:
         self._inflight: (
             tuple[SchedulerOutput, list[BatchItem], Future[list[SampleOutput | None]]] | None
         ) = None
-        self.last_stats: StepStats | None = None
         # When the engine thread last came round its loop (time.monotonic()): a value that
         # stops moving while the thread lives means a step is stuck (see watchdog.py).
         self.heartbeat = time.monotonic()
@@ -136,16 +171,7 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._running
 
-    # ---- thread-safe API -----------------------------------------------------------------
-    def add_output_listener(self, listener: OutputListener) -> None:
-        self._listeners.append(listener)
-
-    def remove_output_listener(self, listener: OutputListener) -> None:
-        self._listeners.remove(listener)
-
-    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
-        self._stats_listeners.append(listener)
-
+    # ---- thread-safe API (the listeners: StepListeners) -----------------------------------
     def set_stop_ids(self, stop_ids: Iterable[int]) -> None:
         """End-of-sequence ids for requests submitted from now on."""
         self.stop_ids = frozenset(stop_ids)
@@ -427,15 +453,6 @@ class Engine:
             for s in seqs
         ]
 
-    def _emit(self, outputs: list[RequestOutput]) -> None:
-        if not outputs:
-            return
-        for listener in list(self._listeners):
-            try:
-                listener(outputs)
-            except Exception:
-                log.exception("output listener failed")
-
     def _publish_stats(self, out: SchedulerOutput, step_time: float) -> None:
         bm = self.block_manager
         stats = StepStats(
@@ -450,12 +467,7 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             step_time_s=step_time,
         )
-        self.last_stats = stats
-        for listener in self._stats_listeners:
-            try:
-                listener(stats)
-            except Exception:
-                log.exception("stats listener failed")
+        self._emit_stats(stats)
 
 
 class RequestStream:

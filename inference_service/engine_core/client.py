@@ -34,9 +34,8 @@ from inference_service.engine.admission import Admission
 from inference_service.engine.engine import (
     Engine,
     EngineStoppedError,
-    OutputListener,
     RequestOutput,
-    StepStats,
+    StepListeners,
 )
 from inference_service.engine.sequence import FinishReason
 from inference_service.engine_core import protocol as proto
@@ -85,7 +84,7 @@ class RemoteBackend:
         self._client._send((proto.SAMPLE_VOCAB, int(n)))
 
 
-class EngineClient:
+class EngineClient(StepListeners):
     def __init__(
         self,
         spec: EngineSpec,
@@ -113,8 +112,7 @@ class EngineClient:
         self._lock = threading.Lock()
         self._admission = Admission(max_waiting=0)  # the core's bound, once it is READY
         self._open: set[int] = set()  # submitted, not finished
-        self._listeners: list[OutputListener] = []
-        self._stats_listeners: list[Callable[[StepStats], None]] = []
+        StepListeners.__init__(self)
         self._stop_ids: tuple[int, ...] | None = None
         self._receiver: threading.Thread | None = None
         self._running = False
@@ -123,7 +121,6 @@ class EngineClient:
         self.info: proto.CoreInfo | None = None
         self.backend: RemoteBackend | None = None
         self.config: _Limits | None = None
-        self.last_stats: StepStats | None = None
         # The core's engine thread's last time round its loop (time.monotonic is one clock
         # for every process on the machine): the watchdog's view of a wedged core.
         self.heartbeat = time.monotonic()
@@ -256,15 +253,6 @@ class EngineClient:
     def num_waiting_requests(self) -> int:
         return len(self._admission)
 
-    def add_output_listener(self, listener: OutputListener) -> None:
-        self._listeners.append(listener)
-
-    def remove_output_listener(self, listener: OutputListener) -> None:
-        self._listeners.remove(listener)
-
-    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
-        self._stats_listeners.append(listener)
-
     def set_stop_ids(self, stop_ids: Iterable[int]) -> None:
         self._stop_ids = tuple(sorted(set(stop_ids)))
         self._send((proto.STOP_IDS, self._stop_ids))
@@ -331,19 +319,7 @@ class EngineClient:
                 self._open.difference_update(o.request_id for o in batch.outputs if o.finished)
             self._emit(batch.outputs)
         for stats in batch.stats:
-            self.last_stats = stats
-            for listener in self._stats_listeners:
-                try:
-                    listener(stats)
-                except Exception:
-                    log.exception("stats listener failed")
-
-    def _emit(self, outputs: list[RequestOutput]) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(outputs)
-            except Exception:
-                log.exception("output listener failed")
+            self._emit_stats(stats)
 
     def _end_open(self, message: str, lost: bool) -> None:
         with self._lock:
