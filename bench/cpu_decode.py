@@ -101,12 +101,17 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The options of both CPU benchmarks (this one and quant.py): model and run lengths."""
     ap.add_argument("--model", default=None, help="GGUF or HF folder (default: SmolLM2-135M)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_args(ap)
     ap.add_argument("--threads", type=int, default=None,
                     help="BLAS/torch threads for both engines (default: each library's own)")  # fmt: skip
     args = ap.parse_args()

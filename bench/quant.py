@@ -241,11 +241,10 @@ def quality(path: Path, group: int) -> None:
 
 
 def main() -> None:
+    from cpu_decode import add_run_args
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="GGUF or HF folder (default: SmolLM2-135M)")
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_run_args(ap)
     ap.add_argument("--group-size", type=int, default=64, choices=(64, 128))
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every engine (numba, BLAS, torch; default: each's own)")  # fmt: skip

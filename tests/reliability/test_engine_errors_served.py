@@ -74,6 +74,14 @@ class Stream(threading.Thread):
             self.error = exc
 
 
+def rerun_clean(stub) -> list[Stream]:
+    """The oracle: the clean requests again, finished, without a failing one beside them."""
+    again = [Stream(stub, p, CLEAN_TOKENS) for p in CLEAN_PROMPTS]
+    for s in again:
+        s.join(120)
+    return again
+
+
 def test_a_failing_request_gets_internal_and_the_others_finish(poisoned_stack):
     stack = poisoned_stack
     log_before = len(stack.inference.log_text())
@@ -87,10 +95,7 @@ def test_a_failing_request_gets_internal_and_the_others_finish(poisoned_stack):
         bad.join(60)
         for s in streams:
             s.join(120)
-        # The oracle: the same requests again, without the failing one beside them.
-        again = [Stream(stub, p, CLEAN_TOKENS) for p in CLEAN_PROMPTS]
-        for s in again:
-            s.join(120)
+        again = rerun_clean(stub)
 
     assert running_then > 0, "the other streams had finished before the poisoned request came"
     for s, w in zip(streams, again, strict=True):
@@ -127,9 +132,7 @@ def test_a_post_processing_error_ends_that_stream_only(poisoned_stack):
         bad_logprobs = Stream(stub, [7, 8, 9], 8, logprobs=POISON_LOGPROBS)
         for s in [bad_stop, bad_logprobs, *streams]:
             s.join(120)
-        again = [Stream(stub, p, CLEAN_TOKENS) for p in CLEAN_PROMPTS]
-        for s in again:
-            s.join(120)
+        again = rerun_clean(stub)
 
     assert running_then > 0, "the other streams had finished before the marked requests came"
     for s, w in zip(streams, again, strict=True):
