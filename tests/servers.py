@@ -76,6 +76,17 @@ def open_channel(address: str, credentials: grpc.ChannelCredentials | None = Non
     return grpc.secure_channel(address, credentials)
 
 
+def wait_until(pred, timeout: float = 20.0, what: str = ""):
+    """pred()'s first truthy value, asked every 50 ms; the test fails after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def health_status(
     address: str,
     service: str = "",

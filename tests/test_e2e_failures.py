@@ -7,25 +7,17 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import grpc
 import pytest
 from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 from kuiper_client import KuiperClient, KuiperError
-from servers import health_status
+from servers import health_status, wait_until
 from serving_stack import run_stack, start_tokenizer, tiny_model  # noqa: F401  (fixture)
 
 N_SIGTERM = 1500  # long enough to still run when SIGTERM comes
 LONG = ipb.SamplingParams(max_new_tokens=1800, ignore_eos=True, temperature=0.0)
-
-
-def wait_until(pred, timeout=20.0, what=""):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ one stack and run in file order (draining it is the last one).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2
 from kuiper.v1 import inference_pb2 as ipb
 from kuiper.v1 import inference_pb2_grpc as igrpc
 from servers import health_status, self_signed_cert
+from servers import wait_until as wait_until_20s
 from serving_stack import (  # noqa: F401  (fixture)
     INFERENCE_SERVICE,
     StackSecurity,
@@ -42,6 +44,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 LONG = ipb.SamplingParams(max_new_tokens=1800, ignore_eos=True, temperature=0.0)
 BATCH, WAITING = 16, 2
 RESTART_S = 4.0  # --engine-restart-timeout (a margin over a loaded machine's pauses)
+
+
+wait_until = functools.partial(wait_until_20s, timeout=30.0)  # a restart takes longer
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +94,6 @@ def generate(ch: grpc.Channel, text: str, sampling=LONG, timeout: float = 60):
 def greedy(ch: grpc.Channel, text: str, n: int = 8) -> list[int]:
     sampling = ipb.SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=0.0)
     return [t for r in generate(ch, text, sampling) for t in r.token_ids]
-
-
-def wait_until(pred, timeout: float = 30.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def streams_by_pid(stack) -> dict[int, float]:

@@ -12,6 +12,7 @@ import time
 
 import grpc
 import pytest
+from servers import wait_until  # noqa: F401  (the reliability tests import it from here)
 from serving_stack import StackSecurity, run_stack, tiny_model  # noqa: F401  (fixture)
 
 TOKEN = "reliability-s3cret"
@@ -38,13 +39,6 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
-
-
-def wait_until(pred, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class TimedStream:
