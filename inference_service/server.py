@@ -72,9 +72,8 @@ from inference_service.watchdog import DEFAULT_RESTART_S, DEFAULT_STALL_S, watch
 from kuiper_serve.common.auth import (
     Security,
     add_port,
-    connection_age_options,
     count_rejections,
-    keepalive_options,
+    server_options,
 )
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
@@ -615,12 +614,9 @@ async def serve(cfg: ServerConfig, slot: FrontendSlot | None = None) -> int:
     transport_limit = cfg.max_request_bytes or TRANSPORT_MAX_REQUEST_BYTES
     server = grpc.aio.server(
         interceptors=cfg.security.interceptors(count_rejections(metrics.requests)),
-        options=[
-            ("grpc.max_receive_message_length", transport_limit),
-            ("grpc.so_reuseport", 1 if multi else 0),  # several frontends share the port
-            *connection_age_options(cfg.max_connection_age_s),
-            *keepalive_options(),
-        ],
+        options=server_options(
+            transport_limit, reuse_port=multi, max_connection_age_s=cfg.max_connection_age_s
+        ),
     )
     server_health = ServerHealth(server, SERVICE_NAME)
     await server_health.set_serving(False)

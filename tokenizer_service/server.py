@@ -27,9 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from kuiper_serve.common.auth import (
     Security,
     add_port,
-    connection_age_options,
     count_rejections,
-    keepalive_options,
+    server_options,
 )
 from kuiper_serve.common.defaults import (
     DEFAULT_HOST,
@@ -413,11 +412,10 @@ async def serve_async(
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", TRANSPORT_MAX_MESSAGE),
+            *server_options(
+                TRANSPORT_MAX_MESSAGE, reuse_port=False, max_connection_age_s=max_connection_age_s
+            ),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),  # a taken port is an error, not a silent second server
-            *connection_age_options(max_connection_age_s),
-            *keepalive_options(),
         ],
     )
     server_health = ServerHealth(server, SERVICE_NAME)

@@ -109,6 +109,19 @@ def keepalive_options(min_ping_interval_s: float = MIN_PING_INTERVAL_S) -> list[
     ]
 
 
+def server_options(max_receive_bytes: int, reuse_port: bool, max_connection_age_s: float
+                   ) -> list[tuple[str, int]]:  # fmt: skip
+    """The transport options both services start with: the receive limit, whether the port
+    is shared (SO_REUSEPORT: only several inference frontends; otherwise a taken port is an
+    error, not a silent second server), connection age and the keepalive policy."""
+    return [
+        ("grpc.max_receive_message_length", max_receive_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        *connection_age_options(max_connection_age_s),
+        *keepalive_options(),
+    ]
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without exactly one `authorization: Bearer <token>` header (health and
     reflection excepted). Runs when a call starts, from its headers alone: before its body is
