@@ -109,8 +109,9 @@ def keepalive_options(min_ping_interval_s: float = MIN_PING_INTERVAL_S) -> list[
     ]
 
 
-def server_options(max_receive_bytes: int, reuse_port: bool, max_connection_age_s: float
-                   ) -> list[tuple[str, int]]:  # fmt: skip
+def server_options(
+    max_receive_bytes: int, reuse_port: bool, max_connection_age_s: float
+) -> list[tuple[str, int]]:
     """The transport options both services start with: the receive limit, whether the port
     is shared (SO_REUSEPORT: only several inference frontends; otherwise a taken port is an
     error, not a silent second server), connection age and the keepalive policy."""
