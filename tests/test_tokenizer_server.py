@@ -487,7 +487,9 @@ def test_sigterm_drains_an_open_stream_then_exits_zero(served):
         requests.put(None)
         assert list(replies) == []
         assert text == served["sp_bpe"].decode(ids)
-        assert server.stop(timeout=30) == 0, server.log_text()
+        # The one SIGTERM above ends it: a second one (server.stop) could land in the instant
+        # asyncio hands the signal back to its default action, and kill a clean exit.
+        assert server.proc.wait(30) == 0, server.log_text()
     assert "draining" in server.log_text()
 
 
